@@ -1,0 +1,124 @@
+"""Masks and boxes: COCO RLE / polygons via pycocotools, and box conventions.
+
+Conventions used across FCLM:
+* masks are boolean ``H×W`` numpy arrays (or ``uint8`` where pycocotools wants them);
+* a mask on disk is COCO RLE ``{"size": [H, W], "counts": str}`` (compressed, as written by
+  :func:`encode_mask`); uncompressed RLE (``counts`` a list of ints) and polygons
+  (a list of flat ``[x0, y0, x1, y1, …]`` lists) are accepted on input;
+* boxes are absolute pixel ``[x1, y1, x2, y2]`` with ``x2 = x + w`` (pycocotools ``toBbox``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+
+def encode_mask(mask: np.ndarray) -> dict:
+    """Encode a boolean ``H×W`` mask as compressed COCO RLE with a ``str`` counts field."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"expected a 2-D mask, got shape {mask.shape}")
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def _to_coco_rle(rle: dict) -> dict:
+    """Validate an RLE dict and return the form pycocotools takes (compressed, bytes counts)."""
+    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+        raise ValueError("RLE must be a dict with 'size' and 'counts'")
+    size = rle["size"]
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
+        raise ValueError(f"RLE size must be [H, W] with positive ints, got {size!r}")
+    h, w = int(size[0]), int(size[1])
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        if not all(isinstance(c, int) and c >= 0 for c in counts):
+            raise ValueError("uncompressed RLE counts must be non-negative ints")
+        if sum(counts) != h * w:
+            raise ValueError(f"uncompressed RLE counts sum to {sum(counts)}, expected H*W = {h * w}")
+        return mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+    if isinstance(counts, str):
+        counts = counts.encode("ascii")
+    if not isinstance(counts, bytes):
+        raise ValueError(f"RLE counts must be str, bytes or a list, got {type(counts).__name__}")
+    return {"size": [h, w], "counts": counts}
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """Decode COCO RLE (compressed or uncompressed) to a boolean ``H×W`` mask.
+
+    Raises ``ValueError`` for a malformed RLE (bad size, counts that do not cover ``H×W``).
+    """
+    coco = _to_coco_rle(rle)
+    h, w = coco["size"]
+    try:
+        m = mask_utils.decode(coco)
+    except Exception as e:  # pycocotools raises bare exceptions for corrupt strings
+        raise ValueError(f"corrupt RLE counts ({e})") from None
+    if m.shape != (h, w):
+        raise ValueError(f"RLE decodes to {m.shape}, expected {(h, w)}")
+    # pycocotools silently truncates/pads corrupt compressed strings: check the run lengths cover H×W.
+    if isinstance(coco["counts"], bytes) and int(mask_utils.area(coco)) > h * w:
+        raise ValueError("corrupt RLE counts (area exceeds H*W)")
+    return m.astype(bool)
+
+
+def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int) -> dict:
+    """Rasterise COCO polygons (flat ``[x0, y0, x1, y1, …]`` lists) into one compressed RLE.
+
+    Each polygon needs at least 3 points (6 numbers); otherwise ``ValueError``.
+    """
+    if not polygons:
+        raise ValueError("empty polygon list")
+    polys = []
+    for i, p in enumerate(polygons):
+        p = [float(v) for v in p]
+        if len(p) < 6 or len(p) % 2:
+            raise ValueError(f"polygon {i} has {len(p) / 2:g} points; at least 3 (x, y) pairs are needed")
+        polys.append(p)
+    rles = mask_utils.frPyObjects(polys, int(height), int(width))
+    rle = mask_utils.merge(rles)
+    return {"size": [int(height), int(width)], "counts": rle["counts"].decode("ascii")}
+
+
+def decode_mask(obj: Any, height: int | None = None, width: int | None = None) -> np.ndarray:
+    """Decode an RLE dict or a polygon list to a boolean mask.
+
+    ``height``/``width`` are required for polygons; for RLE they are checked against its size.
+    """
+    if isinstance(obj, dict):
+        m = decode_rle(obj)
+        if height is not None and width is not None and m.shape != (height, width):
+            raise ValueError(f"mask size {list(m.shape)} differs from image size {[height, width]}")
+        return m
+    if isinstance(obj, (list, tuple)):
+        if height is None or width is None:
+            raise ValueError("polygon masks need the image height and width")
+        return decode_rle(polygons_to_rle(obj, height, width))
+    raise ValueError(f"a mask must be an RLE dict or a polygon list, got {type(obj).__name__}")
+
+
+def mask_to_box(mask: np.ndarray) -> list[float]:
+    """Tight ``[x1, y1, x2, y2]`` box of a boolean mask (``x2 = max column + 1``); ``[0,0,0,0]`` if empty."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return [0.0, 0.0, 0.0, 0.0]
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+def union_masks(masks: Sequence[np.ndarray], height: int, width: int) -> np.ndarray:
+    """Union of boolean masks; an all-false ``height×width`` mask when ``masks`` is empty."""
+    out = np.zeros((height, width), dtype=bool)
+    for m in masks:
+        out |= m
+    return out
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two boolean masks; 1.0 when both are empty (LISA's convention for an empty union)."""
+    inter = np.logical_and(a, b).sum()
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(inter) / float(union)
