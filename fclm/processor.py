@@ -1,0 +1,730 @@
+"""Records + images → model batches: Qwen2.5-VL chat encoding, image patches, the SAM frame, regions and targets.
+
+:class:`FCLMProcessor` turns one JSONL record (DESIGN.md §4) and its image into tensors
+(:meth:`~FCLMProcessor.encode_record`) and stacks several into a batch (:meth:`~FCLMProcessor.collate`).
+
+Conversation (Qwen2.5-VL chat format; the image sits at the start of the first user turn)::
+
+    <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
+    <|im_start|>user\\n<|vision_start|><|image_pad|>×n<|vision_end|>{user text}<|im_end|>\\n
+    <|im_start|>assistant\\n{answer}<|im_end|>\\n            (repeated per turn)
+
+``input_ids`` are built piece by piece, never by parsing a rendered string:
+
+* structural tokens are inserted by id; ``n = grid_h · grid_w / merge²`` image pads per image;
+* user and system text is encoded with ``split_special_tokens=True``, so a literal "[SEG]", "<mask>" or
+  "<|im_start|>" typed by a user is ordinary text; in user text only, ``<region>`` / ``<regionN>``
+  (1-based index into the in-prompt regions) become the ids of ``<mask><pos>``;
+* assistant text from the dataset: "[SEG]" becomes the special token, nothing else is special;
+* ``role\\n`` headers are encoded on their own. For usual text this is exactly what the Qwen2.5-VL
+  chat template + tokenizer give (tested with the real vocabulary); when a message *starts* with
+  whitespace, the template's single-string tokenization may merge it with the header's newline,
+  while ours keeps the header as the model sees it when generating.
+
+Labels: -100 everywhere except each assistant answer's tokens and its closing ``<|im_end|>`` (the
+token that ends generation). The ``\\n`` after ``<|im_end|>``, headers, system and user turns are not
+labelled.
+
+Regions: the mask (RLE or polygon, ``fclm.masks.decode_mask``) is the truth; its tight box gives
+``region_boxes`` and the crop. A record's ``box`` is only checked against it: IoU below
+``ProcessorConfig.box_check_iou`` (and a corner more than 2 px off) is an error — it catches xywh/xyxy
+mix-ups and masks paired with the wrong box.
+The crop is the box enlarged by ``context_margin`` × its width/height on each side, clipped to the image.
+Regions of a sample are ordered by the placeholders that reference them (``<regionN>`` may repeat a
+region: each occurrence is one ``<mask><pos>`` pair and one row of the region tensors), then the
+regions with ``in_prompt: false`` in record order. ``latent_pairs`` pair a region's first row with the
+``[SEG]`` given by its ``target_index``.
+
+SAM frame (size S = ``sam_img_size``): the image resized so its longest side is S with PIL bilinear
+(as ``segment_anything.utils.transforms.ResizeLongestSide``), normalised with SAM's pixel mean/std,
+zero-padded bottom/right. Masks are resized with the same bilinear filter and thresholded at 0.5; a
+non-empty mask that would vanish keeps its highest-coverage pixels.
+
+Batch (output of :meth:`FCLMProcessor.collate`; B samples, L tokens, R regions, N ``[SEG]``;
+order: sample by sample, then order of appearance)::
+
+    input_ids, attention_mask, labels, mm_token_type_ids   B×L long (right padding; pad = <|endoftext|>)
+    pixel_values            P×(3·T·p·p) float   Qwen2.5-VL patches of all images
+    image_grid_thw          B×3 long
+    sam_images              B×3×S×S float;  sam_valid_hw B×2 long;  original_hw B×2 long (H, W)
+    image_keys              list[str]   sha1 of the pixels + SAM preprocessing (embedding cache key)
+    region_masks            R×S×S float {0,1};  region_boxes R×4 normalised xyxy of the original image
+    region_batch_index      R long;  region_in_prompt R bool
+    region_crops            R×3×S×S float;  region_crop_masks R×S×S float;  region_crop_keys list[str]
+    target_masks            N×S×S float (union of instances);  target_exists N bool
+    target_instance_masks   list of N tensors n_i×S×S;  target_instance_boxes list of N tensors n_i×4
+    seg_batch_index         N long
+    latent_pairs            P×2 long (global [SEG] index, global region index)
+    heads, ids              list[str] per sample
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from qwen_vl_utils import smart_resize
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+from fclm.config import FCLMConfig, from_dict, to_dict
+from fclm.io import RecordError, write_json
+from fclm.masks import decode_mask, encode_mask, mask_to_box
+from fclm.tokenizer import (
+    DEFAULT_SYSTEM_PROMPT,
+    QWEN2_5_VL_CHAT_TEMPLATE,
+    SEG_TOKEN,
+    add_fclm_tokens,
+    token_ids,
+)
+
+REGION_PLACEHOLDER = re.compile(r"<region(\d*)>")
+"""``<region>`` (next in-prompt region) or ``<regionN>`` (the N-th in-prompt region, 1-based)."""
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+PROCESSOR_CONFIG_NAME = "fclm_processor_config.json"
+IGNORE_INDEX = -100
+BOX_TOLERANCE_PX = 2.0
+"""A record box within this many pixels of its mask's box always passes the check (tiny objects)."""
+
+BATCH_KEYS: tuple[str, ...] = (
+    "input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids",
+    "sam_images", "sam_valid_hw", "original_hw", "image_keys",
+    "region_masks", "region_boxes", "region_batch_index", "region_in_prompt", "region_crops", "region_crop_masks",
+    "region_crop_keys",
+    "target_masks", "target_exists", "target_instance_masks", "target_instance_boxes", "seg_batch_index",
+    "latent_pairs", "heads", "ids",
+)
+"""Exactly the keys of a batch (CONTRACTS.md, Batch)."""
+
+
+@dataclass
+class ProcessorConfig:
+    """Settings of :class:`FCLMProcessor` (saved as ``fclm_processor_config.json``)."""
+
+    patch_size: int = 14
+    """Qwen vision patch size (pixels)."""
+    spatial_merge_size: int = 2
+    """Qwen merges merge×merge patches into one LLM token."""
+    temporal_patch_size: int = 2
+    min_pixels: int = 112 * 112
+    """Smallest image area after Qwen resizing (qwen-vl-utils ``smart_resize``)."""
+    max_pixels: int = 112 * 112
+    """Largest image area after Qwen resizing."""
+    sam_img_size: int = 1024
+    """Side S of the square SAM frame."""
+    context_margin: float = 0.25
+    """Region crop = mask box enlarged by this fraction of its width/height on each side, clipped."""
+    default_head: str = "sam"
+    """Head used when a record names none."""
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    """System turn used when a record's messages start without one (Qwen2.5-VL's default)."""
+    box_check_iou: float = 0.5
+    """A record region's ``box`` must have at least this IoU with its mask's tight box, or lie within
+    ``BOX_TOLERANCE_PX`` of it on every side (0 disables the check)."""
+
+    def __post_init__(self) -> None:
+        for name in ("patch_size", "spatial_merge_size", "temporal_patch_size", "sam_img_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"processor.{name} must be positive")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError("processor.min_pixels must be <= processor.max_pixels")
+        if not 0.0 <= self.box_check_iou <= 1.0:
+            raise ValueError("processor.box_check_iou must be in [0, 1]")
+        if self.context_margin < 0:
+            raise ValueError("processor.context_margin must be >= 0")
+
+    @classmethod
+    def from_fclm_config(cls, cfg: FCLMConfig) -> "ProcessorConfig":
+        """The processor settings implied by a model config (backbone sizes, SAM frame, crop margin, default head)."""
+        b = cfg.backbone
+        return cls(
+            patch_size=b.patch_size,
+            spatial_merge_size=b.spatial_merge_size,
+            temporal_patch_size=b.temporal_patch_size,
+            min_pixels=b.min_pixels,
+            max_pixels=b.max_pixels,
+            sam_img_size=cfg.sam.img_size,
+            context_margin=cfg.region_extractor.context_margin,
+            default_head=cfg.heads.default,
+        )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy of ``image``; transparency is composited on white (as qwen-vl-utils ``to_rgb``)."""
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.split()[3])
+        return background
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path, record_id: str | None = None) -> Image.Image:
+    """Open and fully decode an image file as RGB.
+
+    Raises :class:`~fclm.io.RecordError` (a ``ValueError``) naming the record and the file when the file
+    is missing, unreadable, truncated or not an image.
+    """
+    where = f"record {record_id!r}" if record_id is not None else str(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im)
+    except FileNotFoundError:
+        raise RecordError(where, f"image file not found: {path}") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise RecordError(where, f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
+def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _is_box(b: Any) -> bool:
+    return isinstance(b, (list, tuple)) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
+
+
+def _sha1(*parts: str | bytes) -> str:
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else p)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+class FCLMProcessor:
+    """Tokenizer + Qwen2-VL image processor + SAM preprocessing + region/target handling.
+
+    Arguments:
+        tokenizer: a Qwen2.5-VL tokenizer (real, or ``fclm.tokenizer.build_tiny_tokenizer``); the FCLM
+            tokens are added to it if missing (resize the model's embeddings to ``len(tokenizer)``).
+        config: :class:`ProcessorConfig`; :meth:`from_config` derives it from an :class:`FCLMConfig`.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: ProcessorConfig | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.config = config if config is not None else ProcessorConfig()
+        add_fclm_tokens(tokenizer)
+        self.token_ids = token_ids(tokenizer)
+        if not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = QWEN2_5_VL_CHAT_TEMPLATE
+        c = self.config
+        # The image arrives already resized by smart_resize (qwen-vl-utils' sizing and PIL bicubic, exactly
+        # as qwen_vl_utils.fetch_image); the HF processor then only rescales, normalises and patchifies.
+        self.image_processor = Qwen2VLImageProcessor(
+            patch_size=c.patch_size,
+            temporal_patch_size=c.temporal_patch_size,
+            merge_size=c.spatial_merge_size,
+            min_pixels=c.min_pixels,
+            max_pixels=c.max_pixels,
+        )
+        self._sam_mean = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
+        self._sam_std = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
+        self._text_cache: dict[str, list[int]] = {}
+
+    # ------------------------------------------------------------------------------------------
+    # construction, save / load
+    # ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, cfg: FCLMConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> "FCLMProcessor":
+        """A processor for a model config; the tokenizer defaults to ``fclm.tokenizer.load_tokenizer(cfg.backbone)``."""
+        if tokenizer is None:
+            from fclm.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(cfg.backbone)
+        return cls(tokenizer, ProcessorConfig.from_fclm_config(cfg))
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the tokenizer, ``fclm_processor_config.json`` and the HF image processor's config."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
+        write_json(directory / PROCESSOR_CONFIG_NAME, to_dict(self.config))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "FCLMProcessor":
+        """Load a directory written by :meth:`save_pretrained` (local files only)."""
+        directory = Path(directory)
+        cfg_file = directory / PROCESSOR_CONFIG_NAME
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{directory} has no {PROCESSOR_CONFIG_NAME}; was it written by FCLMProcessor?")
+        config = from_dict(ProcessorConfig, json.loads(cfg_file.read_text()), prefix=str(cfg_file))
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        return cls(tokenizer, config)
+
+    # ------------------------------------------------------------------------------------------
+    # images
+    # ------------------------------------------------------------------------------------------
+
+    def qwen_image_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) the Qwen vision tower sees: qwen-vl-utils ``smart_resize`` with this config."""
+        c = self.config
+        return smart_resize(height, width, factor=c.patch_size * c.spatial_merge_size,
+                            min_pixels=c.min_pixels, max_pixels=c.max_pixels)
+
+    def qwen_image_inputs(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pixel_values`` (grid_h·grid_w × 3·T·p·p) and ``image_grid_thw`` (3,) for one RGB image."""
+        h, w = self.qwen_image_size(image.height, image.width)
+        resized = image.resize((w, h), Image.BICUBIC) if (h, w) != (image.height, image.width) else image
+        out = self.image_processor(images=[resized], do_resize=False, return_tensors="pt")
+        return out["pixel_values"].float(), out["image_grid_thw"][0].long()
+
+    def num_image_tokens(self, image_grid_thw: torch.Tensor | Sequence[int]) -> int:
+        """Number of ``<|image_pad|>`` tokens for one image: t·h·w / merge²."""
+        t, h, w = (int(v) for v in image_grid_thw)
+        return t * h * w // (self.config.spatial_merge_size ** 2)
+
+    def sam_resize_shape(self, height: int, width: int) -> tuple[int, int]:
+        """Size of an image inside the SAM frame (``ResizeLongestSide.get_preprocess_shape``)."""
+        scale = self.config.sam_img_size / max(height, width)
+        return int(height * scale + 0.5), int(width * scale + 0.5)
+
+    def sam_preprocess(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """RGB image → (3×S×S normalised, zero-padded SAM input, (h, w) of the resized image inside it)."""
+        s = self.config.sam_img_size
+        nh, nw = self.sam_resize_shape(image.height, image.width)
+        resized = image.resize((nw, nh), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(resized, dtype=np.float32).copy()).permute(2, 0, 1)
+        x = (x - self._sam_mean) / self._sam_std
+        out = torch.zeros((3, s, s), dtype=torch.float32)
+        out[:, :nh, :nw] = x
+        return out, (nh, nw)
+
+    def mask_to_frame(self, mask: np.ndarray, resized_hw: tuple[int, int]) -> torch.Tensor:
+        """Boolean H×W mask → S×S float {0,1} in the SAM frame of an image resized to ``resized_hw``.
+
+        Bilinear resize (the image's filter) thresholded at 0.5; a non-empty mask that would vanish
+        keeps its highest-coverage pixels.
+        """
+        s = self.config.sam_img_size
+        nh, nw = resized_hw
+        if mask.shape == (nh, nw):
+            m = mask.astype(bool)
+        else:
+            soft = np.asarray(Image.fromarray(mask.astype(np.float32)).resize((nw, nh), Image.BILINEAR))
+            m = soft >= 0.5
+            if not m.any() and mask.any() and soft.max() > 0:
+                m = soft >= soft.max()
+        out = torch.zeros((s, s), dtype=torch.float32)
+        out[:nh, :nw] = torch.from_numpy(m.astype(np.float32))
+        return out
+
+    def crop_box(self, box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
+        """Integer crop ``(x1, y1, x2, y2)``: ``box`` enlarged by ``context_margin`` of its size per side, clipped."""
+        x1, y1, x2, y2 = box
+        mx = self.config.context_margin * (x2 - x1)
+        my = self.config.context_margin * (y2 - y1)
+        cx1 = max(0, math.floor(x1 - mx))
+        cy1 = max(0, math.floor(y1 - my))
+        cx2 = min(width, math.ceil(x2 + mx))
+        cy2 = min(height, math.ceil(y2 + my))
+        return cx1, cy1, cx2, cy2
+
+    def sam_signature(self) -> str:
+        """What the SAM embedding of an image depends on besides its pixels."""
+        return f"sam-frame:{self.config.sam_img_size}:pil-bilinear:mean{SAM_PIXEL_MEAN}:std{SAM_PIXEL_STD}:pad-br"
+
+    # ------------------------------------------------------------------------------------------
+    # text
+    # ------------------------------------------------------------------------------------------
+
+    def _text(self, text: str) -> list[int]:
+        """Token ids of plain text: no added token (special or not) is ever produced from it.
+
+        Runs the tokenizer's own normaliser → pre-tokenizer → BPE without its added-token matching, i.e.
+        ``encode(text, split_special_tokens=True)`` also for added tokens that are not marked special
+        (Qwen2.5's ``<tool_call>``, ``<|fim_prefix|>`` …).
+        """
+        if not text:
+            return []
+        cached = self._text_cache.get(text)
+        if cached is not None:
+            return cached
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:  # a slow tokenizer: the library's own switch
+            ids = self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+        else:
+            normalized = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
+            pieces = (
+                [p for p, _ in backend.pre_tokenizer.pre_tokenize_str(normalized)]
+                if backend.pre_tokenizer is not None
+                else [normalized]
+            )
+            ids = [t.id for p in pieces for t in backend.model.tokenize(p)]
+        if len(text) < 64:
+            self._text_cache[text] = ids
+        return ids
+
+    # ------------------------------------------------------------------------------------------
+    # one record
+    # ------------------------------------------------------------------------------------------
+
+    def encode_record(self, record: dict, image: Image.Image, *, add_generation_prompt: bool = False) -> dict:
+        """Encode one record with its (RGB) image into per-sample tensors; :meth:`collate` batches them.
+
+        With ``add_generation_prompt=True`` the conversation must end with a user turn; the assistant
+        header is appended, nothing is labelled, the record's ``targets`` are not read, and any ``[SEG]``
+        in earlier assistant turns gets an empty target (so ``N`` still counts every ``[SEG]`` token).
+
+        Raises :class:`~fclm.io.RecordError` (a ``ValueError``) naming the record and the problem:
+        ``[SEG]`` count ≠ number of targets, ``<region>`` placeholders ≠ in-prompt regions, ``<regionN>``
+        out of range, a mask whose size differs from the image, an empty region mask, a malformed field.
+        """
+        rid = str(record.get("id", "<no id>"))
+        where = f"record {rid!r}" + (f" ({record['_where']})" if record.get("_where") else "")
+
+        def fail(problem: str) -> RecordError:
+            return RecordError(where, problem)
+
+        if not isinstance(image, Image.Image):
+            raise fail(f"expected a PIL image, got {type(image).__name__}")
+        if image.mode != "RGB":
+            image = to_rgb(image)
+        width, height = image.size
+        ids = self.token_ids
+        messages = record.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise fail("'messages' must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                raise fail(f"messages[{i}] must be {{'role': system|user|assistant, 'content': str}}")
+            if not isinstance(m.get("content"), str):
+                raise fail(f"messages[{i}].content must be a string")
+        system = self.config.system_prompt
+        turns = messages
+        if messages[0]["role"] == "system":
+            system, turns = messages[0]["content"], messages[1:]
+        if any(m["role"] == "system" for m in turns):
+            raise fail("a system message may only come first")
+        if not turns or turns[0]["role"] != "user":
+            raise fail("the first non-system message must be a user turn (it carries the image)")
+        if add_generation_prompt and turns[-1]["role"] != "user":
+            raise fail("add_generation_prompt needs a conversation that ends with a user turn")
+
+        # ---- images
+        pixel_values, grid_thw = self.qwen_image_inputs(image)
+        n_image_tokens = self.num_image_tokens(grid_thw)
+
+        # ---- regions referenced by placeholders
+        regions = record.get("regions") or []
+        if not isinstance(regions, list):
+            raise fail("'regions' must be a list")
+        for i, r in enumerate(regions):
+            if not isinstance(r, dict) or "mask" not in r:
+                raise fail(f"regions[{i}] must be an object with a 'mask'")
+        in_prompt_idx = [i for i, r in enumerate(regions) if r.get("in_prompt") is not False]
+        placeholders: list[str] = []
+        for m in turns:
+            if m["role"] == "user":
+                placeholders += REGION_PLACEHOLDER.findall(m["content"])
+        numbered = [p for p in placeholders if p != ""]
+        if numbered and len(numbered) != len(placeholders):
+            raise fail("mixes <region> and <regionN> placeholders; use one form per record")
+        if numbered:
+            order = []
+            for p in numbered:
+                n = int(p)
+                if not 1 <= n <= len(in_prompt_idx):
+                    raise fail(f"<region{n}> is out of range: the record has {len(in_prompt_idx)} in-prompt region(s)")
+                order.append(in_prompt_idx[n - 1])
+            unused = sorted({k + 1 for k in range(len(in_prompt_idx))} - {int(p) for p in numbered})
+            if unused:
+                raise fail(f"in-prompt region(s) {unused} are never referenced by a <regionN> placeholder")
+        else:
+            if len(placeholders) != len(in_prompt_idx):
+                raise fail(
+                    f"{len(placeholders)} <region> placeholder(s) in the user text but {len(in_prompt_idx)} "
+                    "in-prompt region(s)"
+                )
+            order = list(in_prompt_idx)
+        region_order = order + [i for i, r in enumerate(regions) if r.get("in_prompt") is False]
+        region_flags = [True] * len(order) + [False] * (len(region_order) - len(order))
+
+        # ---- tokens
+        input_ids: list[int] = []
+        labels: list[int] = []
+
+        def put(tokens: Sequence[int], labelled: bool = False) -> None:
+            input_ids.extend(tokens)
+            labels.extend(tokens if labelled else [IGNORE_INDEX] * len(tokens))
+
+        newline = self._text("\n")
+        put([ids["im_start"]] + self._text("system\n") + self._text(system) + [ids["im_end"]] + newline)
+        n_seg = 0
+        image_placed = False
+        for m in turns:
+            role, content = m["role"], m["content"]
+            put([ids["im_start"]] + self._text(f"{role}\n"))
+            if role == "user":
+                if not image_placed:
+                    put([ids["vision_start"]] + [ids["image_pad"]] * n_image_tokens + [ids["vision_end"]])
+                    image_placed = True
+                pos = 0
+                for match in REGION_PLACEHOLDER.finditer(content):
+                    put(self._text(content[pos : match.start()]))
+                    put([ids["mask"], ids["pos"]])
+                    pos = match.end()
+                put(self._text(content[pos:]) + [ids["im_end"]] + newline)
+            else:
+                pieces = content.split(SEG_TOKEN)
+                for k, piece in enumerate(pieces):
+                    put(self._text(piece), labelled=not add_generation_prompt)
+                    if k < len(pieces) - 1:
+                        put([ids["seg"]], labelled=not add_generation_prompt)
+                        n_seg += 1
+                put([ids["im_end"]], labelled=not add_generation_prompt)
+                put(newline)
+        if add_generation_prompt:
+            put([ids["im_start"]] + self._text("assistant\n"))
+        input_ids_t = torch.tensor(input_ids, dtype=torch.long)
+        mm_token_type_ids = (input_ids_t == ids["image_pad"]).long()
+
+        # ---- SAM frame
+        sam_image, resized_hw = self.sam_preprocess(image)
+        pixel_hash = _sha1(f"{width}x{height}", image.tobytes())
+        image_key = _sha1(pixel_hash, self.sam_signature())
+
+        # ---- regions
+        region_masks, region_boxes, crops, crop_masks, crop_keys = [], [], [], [], []
+        decoded: dict[int, tuple[np.ndarray, list[float], torch.Tensor, torch.Tensor, torch.Tensor, str]] = {}
+        for i in region_order:
+            if i not in decoded:
+                decoded[i] = self._encode_region(regions[i], i, image, pixel_hash, resized_hw, fail)
+            mask_t, box, crop, crop_mask, crop_key = decoded[i][1:]
+            region_masks.append(mask_t)
+            region_boxes.append(box)
+            crops.append(crop)
+            crop_masks.append(crop_mask)
+            crop_keys.append(crop_key)
+
+        # ---- targets
+        if add_generation_prompt:
+            targets: list[Any] = [{"masks": [], "boxes": []}] * n_seg
+        else:
+            targets = record.get("targets") or []
+            if not isinstance(targets, list):
+                raise fail("'targets' must be a list")
+            if n_seg != len(targets):
+                raise fail(f"{n_seg} [SEG] token(s) in the assistant turns but {len(targets)} target(s)")
+        target_masks, target_exists, inst_masks, inst_boxes = [], [], [], []
+        for k, t in enumerate(targets):
+            union, exists, masks_k, boxes_k = self._encode_target(t, k, height, width, resized_hw, fail)
+            target_masks.append(union)
+            target_exists.append(exists)
+            inst_masks.append(masks_k)
+            inst_boxes.append(boxes_k)
+
+        # ---- latent pairs (target_index → first row of that region)
+        pairs = []
+        if not add_generation_prompt:
+            for i, r in enumerate(regions):
+                k = r.get("target_index")
+                if k is None:
+                    continue
+                if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(targets):
+                    raise fail(f"regions[{i}].target_index {k!r} is not a target index (0..{len(targets) - 1})")
+                pairs.append((k, region_order.index(i)))
+
+        head = record.get("head") or self.config.default_head
+        if not isinstance(head, str):
+            raise fail(f"'head' must be a string, got {type(head).__name__}")
+        s = self.config.sam_img_size
+        return {
+            "input_ids": input_ids_t,
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "mm_token_type_ids": mm_token_type_ids,
+            "pixel_values": pixel_values,
+            "image_grid_thw": grid_thw,
+            "sam_images": sam_image,
+            "sam_valid_hw": torch.tensor(resized_hw, dtype=torch.long),
+            "original_hw": torch.tensor([height, width], dtype=torch.long),
+            "image_keys": image_key,
+            "region_masks": torch.stack(region_masks) if region_masks else torch.zeros((0, s, s)),
+            "region_boxes": torch.tensor(region_boxes, dtype=torch.float32).reshape(-1, 4),
+            "region_in_prompt": torch.tensor(region_flags, dtype=torch.bool),
+            "region_crops": torch.stack(crops) if crops else torch.zeros((0, 3, s, s)),
+            "region_crop_masks": torch.stack(crop_masks) if crop_masks else torch.zeros((0, s, s)),
+            "region_crop_keys": crop_keys,
+            "target_masks": torch.stack(target_masks) if target_masks else torch.zeros((0, s, s)),
+            "target_exists": torch.tensor(target_exists, dtype=torch.bool),
+            "target_instance_masks": inst_masks,
+            "target_instance_boxes": inst_boxes,
+            "latent_pairs": torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
+            "heads": head,
+            "ids": rid,
+        }
+
+    def _encode_region(self, region: dict, i: int, image: Image.Image, pixel_hash: str,
+                       resized_hw: tuple[int, int], fail: Any) -> tuple:
+        width, height = image.size
+        try:
+            mask = decode_mask(region["mask"], height, width)
+        except ValueError as e:
+            raise fail(f"regions[{i}].mask: {e}") from None
+        if not mask.any():
+            raise fail(f"regions[{i}].mask is empty")
+        box = mask_to_box(mask)
+        given = region.get("box")
+        if given is not None:
+            if not _is_box(given):
+                raise fail(f"regions[{i}].box must be [x1, y1, x2, y2], got {given!r}")
+            iou = _box_iou(given, box)
+            off = max(abs(float(g) - b) for g, b in zip(given, box))
+            if iou < self.config.box_check_iou and off > BOX_TOLERANCE_PX:
+                raise fail(
+                    f"regions[{i}].box {list(given)} disagrees with its mask's box {box} (IoU {iou:.2f} < "
+                    f"{self.config.box_check_iou}); boxes are absolute pixel [x1, y1, x2, y2]"
+                )
+        box_norm = [box[0] / width, box[1] / height, box[2] / width, box[3] / height]
+        mask_t = self.mask_to_frame(mask, resized_hw)
+        cx1, cy1, cx2, cy2 = self.crop_box(box, height, width)
+        crop_img, crop_hw = self.sam_preprocess(image.crop((cx1, cy1, cx2, cy2)))
+        crop_mask = self.mask_to_frame(mask[cy1:cy2, cx1:cx2], crop_hw)
+        crop_key = _sha1(pixel_hash, f"crop:{cx1},{cy1},{cx2},{cy2}", self.sam_signature())
+        return mask, mask_t, box_norm, crop_img, crop_mask, crop_key
+
+    def _encode_target(self, target: Any, k: int, height: int, width: int, resized_hw: tuple[int, int],
+                       fail: Any) -> tuple[torch.Tensor, bool, torch.Tensor, torch.Tensor]:
+        s = self.config.sam_img_size
+        if not isinstance(target, dict):
+            raise fail(f"targets[{k}] must be an object with 'masks' and 'boxes'")
+        masks = target.get("masks") or []
+        boxes = target.get("boxes") or []
+        if not isinstance(masks, list) or not isinstance(boxes, list):
+            raise fail(f"targets[{k}].masks and .boxes must be lists")
+        if boxes and not masks:
+            raise fail(f"targets[{k}] has {len(boxes)} box(es) but no masks; every instance needs a mask")
+        if boxes and len(boxes) != len(masks):
+            raise fail(f"targets[{k}] has {len(masks)} mask(s) but {len(boxes)} box(es)")
+        frames, norm_boxes = [], []
+        for j, m in enumerate(masks):
+            try:
+                mask = decode_mask(m, height, width)
+            except ValueError as e:
+                raise fail(f"targets[{k}].masks[{j}]: {e}") from None
+            frames.append(self.mask_to_frame(mask, resized_hw))
+            if boxes:
+                b = boxes[j]
+                if not _is_box(b):
+                    raise fail(f"targets[{k}].boxes[{j}] must be [x1, y1, x2, y2], got {b!r}")
+            else:
+                b = mask_to_box(mask)
+            norm_boxes.append([
+                min(max(b[0] / width, 0.0), 1.0), min(max(b[1] / height, 0.0), 1.0),
+                min(max(b[2] / width, 0.0), 1.0), min(max(b[3] / height, 0.0), 1.0),
+            ])
+        inst = torch.stack(frames) if frames else torch.zeros((0, s, s))
+        union = inst.amax(dim=0) if frames else torch.zeros((s, s))
+        return union, bool(frames), inst, torch.tensor(norm_boxes, dtype=torch.float32).reshape(-1, 4)
+
+    # ------------------------------------------------------------------------------------------
+    # batches
+    # ------------------------------------------------------------------------------------------
+
+    def collate(self, encoded: Sequence[dict]) -> dict[str, Any]:
+        """Stack per-sample encodings (from :meth:`encode_record`) into one batch with exactly :data:`BATCH_KEYS`.
+
+        Token tensors are right-padded (``pad`` id, attention 0, label -100, type 0); region and target rows
+        are concatenated sample by sample; index tensors and ``latent_pairs`` are made global.
+        """
+        if not encoded:
+            raise ValueError("cannot collate an empty list of samples")
+        b = len(encoded)
+        length = max(int(e["input_ids"].shape[0]) for e in encoded)
+        input_ids = torch.full((b, length), self.token_ids["pad"], dtype=torch.long)
+        attention_mask = torch.zeros((b, length), dtype=torch.long)
+        labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
+        mm_token_type_ids = torch.zeros((b, length), dtype=torch.long)
+        for i, e in enumerate(encoded):
+            n = int(e["input_ids"].shape[0])
+            input_ids[i, :n] = e["input_ids"]
+            attention_mask[i, :n] = 1
+            labels[i, :n] = e["labels"]
+            mm_token_type_ids[i, :n] = e["mm_token_type_ids"]
+        n_regions = [int(e["region_masks"].shape[0]) for e in encoded]
+        n_segs = [int(e["target_masks"].shape[0]) for e in encoded]
+        region_offsets = np.concatenate([[0], np.cumsum(n_regions)[:-1]]).astype(int)
+        seg_offsets = np.concatenate([[0], np.cumsum(n_segs)[:-1]]).astype(int)
+        latent = [
+            e["latent_pairs"] + torch.tensor([[int(so), int(ro)]], dtype=torch.long)
+            for e, so, ro in zip(encoded, seg_offsets, region_offsets)
+        ]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_values": torch.cat([e["pixel_values"] for e in encoded]),
+            "image_grid_thw": torch.stack([e["image_grid_thw"] for e in encoded]),
+            "mm_token_type_ids": mm_token_type_ids,
+            "sam_images": torch.stack([e["sam_images"] for e in encoded]),
+            "sam_valid_hw": torch.stack([e["sam_valid_hw"] for e in encoded]),
+            "original_hw": torch.stack([e["original_hw"] for e in encoded]),
+            "image_keys": [e["image_keys"] for e in encoded],
+            "region_masks": torch.cat([e["region_masks"] for e in encoded]),
+            "region_boxes": torch.cat([e["region_boxes"] for e in encoded]),
+            "region_batch_index": torch.repeat_interleave(torch.arange(b), torch.tensor(n_regions)),
+            "region_in_prompt": torch.cat([e["region_in_prompt"] for e in encoded]),
+            "region_crops": torch.cat([e["region_crops"] for e in encoded]),
+            "region_crop_masks": torch.cat([e["region_crop_masks"] for e in encoded]),
+            "region_crop_keys": [k for e in encoded for k in e["region_crop_keys"]],
+            "target_masks": torch.cat([e["target_masks"] for e in encoded]),
+            "target_exists": torch.cat([e["target_exists"] for e in encoded]),
+            "target_instance_masks": [m for e in encoded for m in e["target_instance_masks"]],
+            "target_instance_boxes": [m for e in encoded for m in e["target_instance_boxes"]],
+            "seg_batch_index": torch.repeat_interleave(torch.arange(b), torch.tensor(n_segs)),
+            "latent_pairs": torch.cat(latent),
+            "heads": [e["heads"] for e in encoded],
+            "ids": [e["ids"] for e in encoded],
+        }
+
+    def __call__(self, records: Sequence[dict], images: Sequence[Image.Image], *,
+                 add_generation_prompt: bool = False) -> dict[str, Any]:
+        """Encode and collate ``records`` with their ``images`` (same order); any bad record raises."""
+        if len(records) != len(images):
+            raise ValueError(f"{len(records)} records but {len(images)} images")
+        return self.collate([
+            self.encode_record(r, im, add_generation_prompt=add_generation_prompt) for r, im in zip(records, images)
+        ])
+
+    def prompt_for_generation(
+        self,
+        image: Image.Image,
+        text: str | Sequence[dict],
+        *,
+        regions: Sequence[Any] = (),
+        head: str | None = None,
+        record_id: str = "prompt",
+    ) -> dict[str, Any]:
+        """A one-sample batch ending with the assistant header, for ``FCLM.generate`` (no labels, no targets).
+
+        Arguments:
+            image: the RGB image.
+            text: the user's message, or a whole conversation (``[{role, content}]``) ending with a user turn.
+            regions: masks for the ``<region>`` placeholders, in order: boolean H×W arrays, COCO RLE or polygons.
+            head: grounding head for the answer's ``[SEG]`` tokens (default ``config.default_head``).
+        """
+        messages = [{"role": "user", "content": text}] if isinstance(text, str) else [dict(m) for m in text]
+        region_entries = []
+        for r in regions:
+            is_array = isinstance(r, (np.ndarray, torch.Tensor))
+            mask = encode_mask(np.asarray(r, dtype=bool)) if is_array else r
+            region_entries.append({"mask": mask})
+        record = {"id": record_id, "messages": messages, "regions": region_entries}
+        if head is not None:
+            record["head"] = head
+        return self.collate([self.encode_record(record, image, add_generation_prompt=True)])
