@@ -1,0 +1,1 @@
+"""``fclm-eval`` (``python -m eval``): the evaluation program. The metrics live in :mod:`fclm.metrics`."""

