@@ -54,16 +54,56 @@ def decode_rle(rle: dict) -> np.ndarray:
     """
     coco = _to_coco_rle(rle)
     h, w = coco["size"]
+    # pycocotools silently truncates/pads corrupt compressed strings: check the run lengths cover H×W
+    # (before decoding, so that a corrupt size cannot make it allocate a huge mask).
+    if isinstance(coco["counts"], bytes):
+        runs = rle_run_lengths(coco["counts"])
+        if (runs < 0).any():
+            raise ValueError("corrupt RLE counts (not a valid COCO run-length string)")
+        if int(runs.sum()) != h * w:
+            raise ValueError(f"corrupt RLE counts (runs cover {int(runs.sum())} pixels, expected H*W = {h * w})")
     try:
         m = mask_utils.decode(coco)
     except Exception as e:  # pycocotools raises bare exceptions for corrupt strings
         raise ValueError(f"corrupt RLE counts ({e})") from None
     if m.shape != (h, w):
         raise ValueError(f"RLE decodes to {m.shape}, expected {(h, w)}")
-    # pycocotools silently truncates/pads corrupt compressed strings: check the run lengths cover H×W.
-    if isinstance(coco["counts"], bytes) and int(mask_utils.area(coco)) > h * w:
-        raise ValueError("corrupt RLE counts (area exceeds H*W)")
     return m.astype(bool)
+
+
+def rle_run_lengths(counts: bytes | str) -> np.ndarray:
+    """Run lengths of a compressed COCO RLE string (vectorised ``rleFrString`` of the COCO API).
+
+    Each run is a little-endian base-32 number in characters ``48 + v``; bit 0x20 continues it,
+    bit 0x10 of the last character makes it negative; from the 4th run on, the run two before is
+    added. A valid RLE has non-negative runs summing to ``H·W``.
+    """
+    if isinstance(counts, str):
+        counts = counts.encode("ascii")
+    c = np.frombuffer(counts, dtype=np.uint8).astype(np.int64) - 48
+    if c.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if (c < 0).any() or (c > 63).any():
+        return np.full(1, -1, dtype=np.int64)  # characters outside the alphabet: corrupt
+    last = (c & 0x20) == 0
+    if not last[-1]:
+        return np.full(1, -1, dtype=np.int64)  # the final number is cut off
+    group = np.concatenate([[0], np.cumsum(last[:-1])])
+    starts = np.concatenate([[0], np.nonzero(last[:-1])[0] + 1])
+    k = np.arange(c.size) - starts[group]
+    if k.max() > 12:  # more than 60 bits: not a run length
+        return np.full(1, -1, dtype=np.int64)
+    x = np.zeros(group[-1] + 1, dtype=np.int64)
+    np.add.at(x, group, (c & 0x1F) << (5 * k))
+    ends = np.nonzero(last)[0]
+    negative = (c[ends] & 0x10) != 0
+    x[negative] -= np.left_shift(np.int64(1), 5 * (k[ends][negative] + 1))
+    runs = x.copy()
+    if runs.size > 3:
+        runs[3::2] = np.cumsum(x[1::2])[1:]  # odd runs from the 4th on: + run two before
+    if runs.size > 4:
+        runs[4::2] = np.cumsum(x[2::2])[1:]  # even runs from the 5th on
+    return runs
 
 
 def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int) -> dict:
