@@ -22,7 +22,9 @@ Files written into ``OUT`` (``SPLIT`` is ``train`` or ``val``; the two splits ha
   ``all diamonds`` with none) → empty target.
 * ``SPLIT_region_caption.jsonl`` — ``Describe <region> in detail.`` → ``A large red circle in the top
   left of the image. It is partly hidden behind a blue square.`` (one per object).
-* ``SPLIT_roc.jsonl`` — ``What is the category of <region>? Answer with its name.`` → ``red_circle``.
+* ``SPLIT_roc.jsonl`` — ``What is the category of <region>? Answer with its name.`` → ``red circle``
+  (the name in words, ``meta.category`` = ``red_circle``: Osprey's ROC scoring cleans ``_`` from the
+  ground truth but not from predictions, so a model must answer in words).
 * ``SPLIT_gcg.jsonl`` — ``The image shows <p>a large red circle</p> [SEG], … and <p>…</p> [SEG] on a
   plain light gray background.`` (objects left to right), ``meta.phrases``.
 * ``SPLIT_dlres.jsonl`` — made for real by the ``dam`` and ``dlres`` builders: the captions of the
@@ -295,7 +297,7 @@ def image_records(split: str, idx: int, image: str, shapes: list[Shape], backgro
         )
         out["roc"].append(
             make_record(id=f"shapesref-{key}-roc-{i}", image=image, task="roc",
-                        messages=chat(ROC_PROMPT, sh.category), regions=[region_entry(rle, box)], meta=obj_meta)
+                        messages=chat(ROC_PROMPT, sh.category.replace("_", " ")), regions=[region_entry(rle, box)], meta=obj_meta)
         )
         expr = unique_expression(shapes, i)
         if expr is not None:

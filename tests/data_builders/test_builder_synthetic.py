@@ -28,7 +28,7 @@ def objects_by_image(out: Path, split: str) -> dict[int, list[dict]]:
     """Each image's objects read back from the roc records: category, size, visible mask."""
     objs: dict[int, list[dict]] = defaultdict(list)
     for r in read_jsonl(out / f"{split}_roc.jsonl"):
-        colour, shape = r["messages"][1]["content"].split("_")
+        colour, shape = r["meta"]["category"].split("_")
         objs[r["meta"]["image_index"]].append(
             {"colour": colour, "shape": shape, "size": r["meta"]["size"], "mask": decode_rle(r["regions"][0]["mask"])}
         )
@@ -119,6 +119,8 @@ def test_captions_gcg_roc_dlres(shapes_dir):
     for r in caps:
         m = r["meta"]
         assert r["messages"][1]["content"].startswith(f"A {m['size']} {m['category'].replace('_', ' ')} ")
+    for r in read_jsonl(shapes_dir / "train_roc.jsonl"):
+        assert r["messages"][1]["content"] == r["meta"]["category"].replace("_", " ")
     for r in read_jsonl(shapes_dir / "train_gcg.jsonl"):
         text = r["messages"][1]["content"]
         assert gcg_phrases(text) == r["meta"]["phrases"] and len(r["targets"]) == len(r["meta"]["phrases"])

@@ -1,0 +1,47 @@
+"""scripts/demo.py end to end in its quick mode: every stage runs and the summary holds every figure."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+KEYS = {
+    "res_giou", "res_ciou", "res_giou_untrained", "res_giou_multi", "res_giou_all_objects_multi",
+    "pos_recon_iou", "pos_recon_iou_pooled", "caption_token_f1", "caption_token_f1_constant", "roc_siou",
+    "dlres_giou_stage1", "dlres_giou_stage2", "latent_cos_start", "latent_cos_end", "wall_seconds",
+}
+
+
+def _demo_module():
+    spec = importlib.util.spec_from_file_location("fclm_demo", ROOT / "scripts" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_token_f1_against_hand_values():
+    demo = _demo_module()
+    assert demo.token_f1("A red circle.", "a red circle") == 1.0
+    # pred {a, blue, circle}, gt {a, red, circle, left}: 2 common → P 2/3, R 2/4 → F1 4/7
+    assert math.isclose(demo.token_f1("a blue circle", "A red circle, left"), 4 / 7)
+    assert demo.token_f1("", "a red circle") == 0.0
+
+
+def test_quick_demo_writes_summary_overlays_and_exports(tmp_path):
+    demo = _demo_module()
+    summary = demo.main(["--quick", "--out", str(tmp_path / "demo"), "--threads", "1"])
+    on_disk = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert KEYS <= set(on_disk) and on_disk["quick"] is True
+    for key in KEYS - {"wall_seconds", "latent_cos_start", "latent_cos_end"}:
+        assert 0.0 <= on_disk[key] <= 1.0, key
+    assert -1.0 <= on_disk["latent_cos_start"] <= 1.0 and -1.0 <= on_disk["latent_cos_end"] <= 1.0
+    assert summary["res_giou"] == on_disk["res_giou"]
+    # the pooled-mask baseline is a real measurement: upsampling a 16×16 pooling of the mask
+    assert on_disk["pos_recon_iou_pooled"] > 0.5
+    assert on_disk["overlays"] and all(Path(p).is_file() for p in on_disk["overlays"])
+    for stage in ("stage1", "stage2"):
+        assert (tmp_path / "demo" / stage / "export" / "fclm_config.json").is_file()
+    assert (tmp_path / "demo" / "eval" / "score_final_res" / "summary.json").is_file()
