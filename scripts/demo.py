@@ -90,6 +90,7 @@ def predict(model, records: list[dict], data: Path, path: Path) -> list[dict]:
 def score(task: str, gt: list[dict], preds_path: Path, data: Path, out: Path) -> dict:
     from fclm.metrics import score as fclm_score
 
+    # The scorer resolves image paths against the GT file's folder, so the subset is written beside the data.
     gt_path = data / f"_eval_{out.name}_{task}.jsonl"
     write_jsonl(gt_path, gt)
     try:

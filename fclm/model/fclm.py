@@ -138,10 +138,14 @@ class FCLM(nn.Module):
         )
 
     def _scatter_region_tokens(
-        self, input_ids: torch.Tensor, embeds: torch.Tensor, batch: dict, mask_tokens: torch.Tensor, pos_tokens: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        embeds: torch.Tensor,
+        in_prompt: torch.Tensor,
+        mask_tokens: torch.Tensor,
+        pos_tokens: torch.Tensor,
     ) -> torch.Tensor:
         """Put the in-prompt regions' ``<mask>``/``<pos>`` embeddings at their token positions (``masked_scatter``)."""
-        in_prompt = batch["region_in_prompt"]
         for name, tokens in (("mask", mask_tokens), ("pos", pos_tokens)):
             positions = input_ids == self.token_ids[name]
             n_tokens = int(positions.sum())
@@ -174,8 +178,10 @@ class FCLM(nn.Module):
             width = embeds.shape[-1]
             mask_tokens = pos_tokens = embeds.new_zeros((0, width))
         if n_regions or (input_ids == self.token_ids["mask"]).any() or (input_ids == self.token_ids["pos"]).any():
-            batch.setdefault("region_in_prompt", torch.zeros(n_regions, dtype=torch.bool, device=input_ids.device))
-            embeds = self._scatter_region_tokens(input_ids, embeds, batch, mask_tokens, pos_tokens)
+            in_prompt = batch.get("region_in_prompt")
+            if in_prompt is None:
+                in_prompt = torch.zeros(n_regions, dtype=torch.bool, device=input_ids.device)
+            embeds = self._scatter_region_tokens(input_ids, embeds, in_prompt, mask_tokens, pos_tokens)
         return dict(
             inputs_embeds=embeds,
             vision_out=vision_out,

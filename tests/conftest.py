@@ -1,4 +1,4 @@
-"""Fixtures for the training library tests: a tiny ShapesRef copy, tiny FCLM models, clean global state."""
+"""Shared fixtures: a tiny ShapesRef copy (training tests), and clean global state around every test."""
 
 from __future__ import annotations
 
