@@ -29,6 +29,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from fclm.config import FCLMConfig, from_dict, to_dict
+from fclm.io import write_json
 from fclm.model.backbone import build_backbone
 from fclm.model.heads import HeadInputs, build_head
 from fclm.model.projectors import MLPProjector
@@ -340,7 +341,7 @@ class FCLM(nn.Module):
         config["backbone"]["tokenizer"] = None
         config["sam"]["checkpoint"] = None  # SAM weights are in fclm_modules.safetensors
         payload = {"config": config, "token_ids": self.token_ids, "format_version": 1}
-        (directory / CONFIG_NAME).write_text(json.dumps(payload, indent=2))
+        write_json(directory / CONFIG_NAME, payload)
         if self.processor is not None:
             self.processor.save_pretrained(directory)
 
