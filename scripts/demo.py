@@ -230,7 +230,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     from fclm.config import preset
     from fclm.model import FCLM, build_fclm
-    from fclm.tokenizer import load_tokenizer
 
     data = build_data(out, n_train, n_val)
     tok_dir = build_tokenizer(data, out)

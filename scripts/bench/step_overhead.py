@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                    "--steps", str(args.steps), "--threads", str(args.threads)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             rows.append(json.loads(out))
-    print(f"| preset | run | step (s) | × backbone | peak RSS (MB) | RSS growth in steps (MB) |")
+    print("| preset | run | step (s) | × backbone | peak RSS (MB) | RSS growth in steps (MB) |")
     print("|---|---|---|---|---|---|")
     base = {r["preset"]: r for r in rows if r["mode"] == "backbone"}
     for r in rows:
