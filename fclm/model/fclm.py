@@ -387,15 +387,15 @@ def _assemble(
     extractor = build_region_extractor(
         config.region_extractor, sam_dim=prompt_dim, vision_dim=vision_dim, llm_dim=llm_dim
     )
-    def project() -> MLPProjector:
-        return MLPProjector(in_dim=llm_dim, out_dim=prompt_dim, num_layers=config.projector_layers)
+    def project(input_norm: bool = False) -> MLPProjector:
+        return MLPProjector(in_dim=llm_dim, out_dim=prompt_dim, num_layers=config.projector_layers, input_norm=input_norm)
 
     heads = {name: build_head(name, cfg=config, sam=sam, llm_dim=llm_dim) for name in config.heads.enabled}
     model = FCLM(
         backbone=backbone,
         sam=sam,
         region_extractor=extractor,
-        seg_projector=project(),
+        seg_projector=project(input_norm=config.seg_query_norm == "running"),
         pos_projector=project(),
         mask_projector=project() if config.decode_mask_tokens else None,
         heads=heads,

@@ -2,14 +2,81 @@
 
 FCLM uses three: ``seg_projector`` (h[SEG] → z_seg), ``pos_projector`` (<pos> token → z_pos) and,
 for the self-reconstruction ablation, ``mask_projector`` (<mask> token → prompt space).
+
+``seg_projector`` may standardise its input first (:class:`RunningStandardize`, config
+``seg_query_norm: running``). In a randomly initialised LLM the ``[SEG]`` state is almost the same
+vector in every sample (its own embedding dominates the residual stream) and the part that depends on
+the expression is ~1% of its variance; without standardisation the mask decoder learns to ignore the
+query and the mask loss never teaches the LLM to route the expression (docs/benchmarks.md, "Demo").
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-__all__ = ["MLPProjector"]
+__all__ = ["MLPProjector", "RunningStandardize"]
+
+
+class RunningStandardize(nn.Module):
+    """Per-feature ``(x − mean) / sqrt(var + eps)`` with running statistics, used in training and inference.
+
+    Unlike BatchNorm, a sample is never normalised with its own batch: in training each batch first
+    updates the running mean/var (exponential moving average, no gradient; the first batch sets them),
+    then every row is normalised with the running values, so the output does not depend on which other
+    samples share the batch, and a batch of one works. Under ``torch.distributed`` the batch statistics
+    are summed over processes (every process must call ``forward`` each step, with zero rows if it has
+    none), so all ranks keep the same statistics. ``update_stats = False`` (set by the trainability
+    policy when the projector is frozen) keeps them fixed. The statistics are buffers: checkpoints and
+    ``save_pretrained`` carry them.
+
+    Arguments:
+      dim: feature width.
+      momentum: weight of a new batch in the moving average.
+      eps: added to the variance.
+    """
+
+    def __init__(self, dim: int, *, momentum: float = 0.05, eps: float = 1e-5) -> None:
+        super().__init__()
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"RunningStandardize momentum must be in (0, 1], got {momentum}")
+        self.momentum = momentum
+        self.eps = eps
+        self.update_stats = True
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+        self.register_buffer("num_batches", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def _update(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        stats = torch.cat([flat.sum(0), (flat * flat).sum(0), flat.new_tensor([flat.shape[0]])])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(stats)
+        dim = x.shape[-1]
+        n = float(stats[-1])
+        if n < 2:  # nothing (or one row) to estimate a variance from anywhere
+            return
+        mean = stats[:dim] / n
+        var = (stats[dim : 2 * dim] / n - mean * mean).clamp(min=0.0)
+        if int(self.num_batches) == 0:
+            self.running_mean.copy_(mean)
+            self.running_var.copy_(var)
+        else:
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var, self.momentum)
+        self.num_batches += 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(…, dim) → (…, dim), standardised per feature."""
+        if self.training and self.update_stats and torch.is_grad_enabled():
+            self._update(x)
+        scale = torch.rsqrt(self.running_var + self.eps)
+        return ((x.float() - self.running_mean) * scale).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.running_mean.shape[0]}, momentum={self.momentum}, eps={self.eps}"
 
 
 class MLPProjector(nn.Module):
@@ -20,9 +87,12 @@ class MLPProjector(nn.Module):
       out_dim: output width (e.g. SAM prompt dim).
       num_layers: number of Linear layers (≥ 1); 2 gives LISA's ``Linear(in, in) → ReLU → Linear(in, out)``.
       hidden_dim: width of the hidden layers; defaults to ``in_dim`` as in LISA.
+      input_norm: standardise the input with :class:`RunningStandardize` first.
     """
 
-    def __init__(self, *, in_dim: int, out_dim: int, num_layers: int = 2, hidden_dim: int | None = None) -> None:
+    def __init__(
+        self, *, in_dim: int, out_dim: int, num_layers: int = 2, hidden_dim: int | None = None, input_norm: bool = False
+    ) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"MLPProjector needs num_layers >= 1, got {num_layers}")
@@ -33,10 +103,13 @@ class MLPProjector(nn.Module):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
             if i < num_layers - 1:
                 layers.append(nn.ReLU(inplace=True))
+        self.norm = RunningStandardize(in_dim) if input_norm else None
         self.layers = nn.Sequential(*layers)
         self.in_dim = in_dim
         self.out_dim = out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(…, in_dim) → (…, out_dim)."""
+        if self.norm is not None:
+            x = self.norm(x)
         return self.layers(x)

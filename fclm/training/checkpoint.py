@@ -112,6 +112,13 @@ def trainable_names(module: nn.Module) -> list[str]:
     return [n for n, p in module.named_parameters() if p.requires_grad]
 
 
+def tracked_names(module: nn.Module) -> list[str]:
+    """What a checkpoint keeps: trainable parameters and buffers that training updates (running statistics)."""
+    from fclm.training.trainability import stateful_buffer_names
+
+    return trainable_names(module) + stateful_buffer_names(module)
+
+
 def check_keys(expected: list[str], found: list[str], where: str) -> None:
     """After a non-strict load: the file must hold exactly the trainable parameters."""
     missing = sorted(set(expected) - set(found))
@@ -149,7 +156,7 @@ def save_checkpoint(
         model.save_checkpoint(str(tmp), tag=DS_TAG, exclude_frozen_parameters=True)
     elif accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        names = set(trainable_names(unwrapped))
+        names = set(tracked_names(unwrapped))
         state = {k: v.detach().to("cpu").contiguous() for k, v in unwrapped.state_dict().items() if k in names}
         save_file(state, str(tmp / MODEL_NAME))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -190,14 +197,14 @@ def load_trainable_weights(model: nn.Module, path: str | Path) -> None:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG, exclude_frozen_parameters=True)
-        # DeepSpeed adds the module's buffers; they are rebuilt with the model, not trained.
-        buffers = {n for n, _ in model.named_buffers()}
-        state = {k: v for k, v in state.items() if k not in buffers}
+        # DeepSpeed adds the module's buffers; only those training updates are restored, the rest are rebuilt.
+        fixed = {n for n, _ in model.named_buffers()} - set(tracked_names(model))
+        state = {k: v for k, v in state.items() if k not in fixed}
         where = path / DS_TAG
     else:
         raise CheckpointError(f"{path} holds no model weights ({MODEL_NAME} or {DS_TAG}/)")
-    check_keys(trainable_names(model), list(state), str(where))
-    params = dict(model.named_parameters())
+    check_keys(tracked_names(model), list(state), str(where))
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     with torch.no_grad():
         for k, v in state.items():
             params[k].copy_(v.to(params[k].dtype))

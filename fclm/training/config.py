@@ -74,6 +74,10 @@ class TrainabilityPolicy:
     new_token_rows: bool = True
     """Train the rows of the input embeddings and ``lm_head`` of the tokens FCLM adds
     (``<mask>``, ``<pos>``, ``[SEG]``) via peft ``trainable_token_indices``, when ``llm`` is not ``full``."""
+    lm_head: Literal["rows", "full"] = "rows"
+    """With ``llm: lora``: ``rows`` trains only the new tokens' rows of ``lm_head`` (with ``new_token_rows``);
+    ``full`` trains the whole output layer, as LISA does (``lm_head`` in its trainable modules). A random
+    tiny backbone needs ``full`` to learn its answers in minutes; the input embeddings stay LoRA-only."""
     region_extractor: PartMode = "full"
     """The Hybrid Region Extractor."""
     projectors: PartMode = "full"

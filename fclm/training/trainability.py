@@ -113,7 +113,7 @@ def add_adapters(model: nn.Module, policy: TrainabilityPolicy) -> None:
     ids = new_token_ids(model)
     # lm_head is untied in FCLM's backbones; when tied, peft shares the embedding's adapter with it.
     tied = getattr(model.qwen.config, "tie_word_embeddings", False)
-    row_modules = ["embed_tokens"] if tied else ["embed_tokens", "lm_head"]
+    row_modules = ["embed_tokens"] if tied or policy.lm_head == "full" else ["embed_tokens", "lm_head"]
     if want_lora:
         lora = policy.lora
         config = LoraConfig(
@@ -140,8 +140,14 @@ def _iter_decisions(model: nn.Module, policy: TrainabilityPolicy) -> Iterator[tu
             yield name, p, policy.llm == "lora"
         elif TOKEN_MARKER in name:
             yield name, p, policy.new_token_rows
+        elif part == "llm" and policy.llm == "lora" and policy.lm_head == "full" and _is_lm_head(name):
+            yield name, p, True
         else:
             yield name, p, _mode(policy, part) == "full"
+
+
+def _is_lm_head(name: str) -> bool:
+    return name.endswith("lm_head.weight") or name.endswith("lm_head.bias")
 
 
 def apply_trainability(model: nn.Module, policy: TrainabilityPolicy) -> int:
@@ -151,6 +157,11 @@ def apply_trainability(model: nn.Module, policy: TrainabilityPolicy) -> int:
     per-part breakdown.
     """
     add_adapters(model, policy)
+    for part, modules in _part_modules(model).items():
+        for module in modules:
+            for sub in module.modules():
+                if hasattr(sub, "update_stats"):  # running statistics follow their part's mode
+                    sub.update_stats = _mode(policy, part) == "full"
     owner = parameter_parts(model)
     per_part: dict[str, int] = {}
     total = 0
@@ -172,9 +183,19 @@ def merge_adapters(model: nn.Module) -> None:
         model.backbone = model.backbone.merge_and_unload()
 
 
+def stateful_buffer_names(model: nn.Module) -> list[str]:
+    """Buffers that training changes (running statistics of modules with ``update_stats`` on)."""
+    names = []
+    for prefix, module in model.named_modules():
+        if getattr(module, "update_stats", False):
+            names += [f"{prefix}.{n}" if prefix else n for n, _ in module.named_buffers(recurse=False)]
+    return names
+
+
 def trainable_state_dict(model: nn.Module) -> dict:
-    """The entries of ``model.state_dict()`` whose parameters train (what a checkpoint must keep)."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    """The entries of ``model.state_dict()`` that training changes (what a checkpoint must keep):
+    trainable parameters and :func:`stateful_buffer_names`."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad} | set(stateful_buffer_names(model))
     return {k: v for k, v in model.state_dict().items() if k in names}
 
 
@@ -186,5 +207,6 @@ __all__ = [
     "new_token_ids",
     "lora_target_regex",
     "trainable_state_dict",
+    "stateful_buffer_names",
     "has_lora",
 ]

@@ -39,10 +39,14 @@ def _expected(model, policy: TrainabilityPolicy) -> int:
         for name, mod in lm.named_modules():
             if isinstance(mod, nn.Linear) and name.split(".")[-1] in policy.lora.target_modules:
                 n += policy.lora.r * (mod.in_features + mod.out_features)
+    head_full = policy.llm == "lora" and policy.lm_head == "full"
+    if head_full:
+        n += qwen.lm_head.weight.numel()
     if policy.new_token_rows and policy.llm != "full":
         rows = len({model.token_ids[k] for k in ("mask", "pos", "seg")})
         n += rows * lm.embed_tokens.embedding_dim  # input embedding rows
-        n += rows * qwen.lm_head.in_features  # lm_head rows (untied in FCLM's tiny backbone)
+        if not head_full:
+            n += rows * qwen.lm_head.in_features  # lm_head rows (untied in FCLM's tiny backbone)
     sam = model.sam
     if policy.sam_decoder == "full":
         n += _unique_numel(sam.prompt_encoder, sam.mask_decoder)
@@ -65,6 +69,7 @@ POLICIES = {
     "stage2": STAGE_POLICIES[2],
     "llm_full": TrainabilityPolicy(llm="full", vision_tower="full"),
     "rows_only": TrainabilityPolicy(llm="frozen", region_extractor="frozen", projectors="frozen", sam_decoder="frozen", heads="frozen"),
+    "lora_lm_head_full": TrainabilityPolicy(lm_head="full"),
     "lora_no_rows_r4": TrainabilityPolicy(new_token_rows=False, lora=LoraOptions(r=4, target_modules=("q_proj", "v_proj"))),
 }
 
@@ -97,6 +102,22 @@ def test_stage2_freezes_what_stage1_trained(base_model):
         assert not any(p.requires_grad for p in part.parameters())
     rows = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n]
     assert rows and all(p.requires_grad and p.shape[0] == len(new_token_ids(model)) for p in rows)
+
+
+def test_running_statistics_follow_the_projectors_mode(base_model):
+    """The seg projector's RunningStandardize (tiny preset) updates its statistics only where projectors train."""
+    model = copy.deepcopy(base_model)
+    norm = model.seg_projector.norm
+    assert norm is not None
+    apply_trainability(model, STAGE_POLICIES[2])
+    assert norm.update_stats is False
+    apply_trainability(model, STAGE_POLICIES[1])
+    assert norm.update_stats is True
+    from fclm.training.trainability import stateful_buffer_names, trainable_state_dict
+
+    names = stateful_buffer_names(model)
+    assert names == ["seg_projector.norm.running_mean", "seg_projector.norm.running_var", "seg_projector.norm.num_batches"]
+    assert set(names) <= set(trainable_state_dict(model))
 
 
 def test_reapplying_a_policy_is_idempotent_and_merge_restores_plain_backbone(base_model):
