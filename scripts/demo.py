@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     predict(stage1, val["dlres"], data, dlres1_path)
     dlres1 = score("dlres", val["dlres"], dlres1_path, data, evals / "score_stage1_dlres")
     region1 = region_figures(stage1, val["dlres"], data)
+    res1 = res_scores(stage1, "stage1", val, data, evals)
     del stage1
 
     t3 = time.perf_counter()
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
         "roc_siou": captions["roc_siou"], "roc_ss": captions["roc_ss"],
         "dlres_giou_stage1": dlres1["giou"], "dlres_giou_stage2": dlres2["giou"],
         "latent_cos_start": region1["latent_cos"], "latent_cos_end": region2["latent_cos"],
-        "pos_recon_iou_stage1": region1["pos_recon_iou"],
+        "pos_recon_iou_stage1": region1["pos_recon_iou"], "res_giou_stage1": res1["giou"],
         "wall_seconds": time.perf_counter() - start,
         "stage1_seconds": t2 - t1, "stage2_seconds": t4 - t3,
         "n_eval": {"res": res["n"], "res_multi": res["n_multi"], **{t: len(val[t]) for t in ("region_caption", "roc", "dlres")}},
