@@ -50,7 +50,8 @@ class RunningStandardize(nn.Module):
 
     @torch.no_grad()
     def _update(self, x: torch.Tensor) -> None:
-        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        # float64 sums: the variance of h[SEG] can be ~1e-4 of its mean square (E[x²] − E[x]² cancels)
+        flat = x.detach().reshape(-1, x.shape[-1]).double()
         stats = torch.cat([flat.sum(0), (flat * flat).sum(0), flat.new_tensor([flat.shape[0]])])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stats)
@@ -61,11 +62,11 @@ class RunningStandardize(nn.Module):
         mean = stats[:dim] / n
         var = (stats[dim : 2 * dim] / n - mean * mean).clamp(min=0.0)
         if int(self.num_batches) == 0:
-            self.running_mean.copy_(mean)
-            self.running_var.copy_(var)
+            self.running_mean.copy_(mean.to(self.running_mean.dtype))
+            self.running_var.copy_(var.to(self.running_var.dtype))
         else:
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var, self.momentum)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
         self.num_batches += 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -231,3 +231,25 @@ def test_generate_matches_a_hand_written_greedy_loop(model):
             batch["attention_mask"] = torch.ones_like(batch["input_ids"])
             batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros((1, 1), dtype=torch.long)], 1)
     assert new[: len(ref)].tolist() == ref
+
+
+def test_seg_query_norm_learns_statistics_in_training_and_save_load_keeps_them(batch, tmp_path):
+    torch.manual_seed(0)
+    fresh = build_fclm(preset("tiny")).train()
+    norm = fresh.seg_projector.norm
+    assert norm is not None and int(norm.num_batches) == 0
+    out = fresh(batch)
+    seg = out["seg_hidden"].detach()
+    assert seg.shape[0] == 2 and int(norm.num_batches) == 1
+    torch.testing.assert_close(norm.running_mean, seg.mean(0))
+    torch.testing.assert_close(norm.running_var, seg.var(0, unbiased=False))
+    # z_seg is the MLP of the standardised h[SEG]
+    expected = fresh.seg_projector.layers((seg - seg.mean(0)) / torch.sqrt(seg.var(0, unbiased=False) + norm.eps))
+    torch.testing.assert_close(out["seg_embeddings"], expected)
+    fresh.eval()
+    fresh.save_pretrained(tmp_path / "m")
+    loaded = FCLM.from_pretrained(tmp_path / "m").eval()
+    torch.testing.assert_close(loaded.seg_projector.norm.running_mean, norm.running_mean, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch)["seg_embeddings"], fresh(batch)["seg_embeddings"], rtol=0, atol=0)
+    assert preset("fclm-3b").seg_query_norm == preset("fclm-7b").seg_query_norm == "none"  # LISA's plain projector
