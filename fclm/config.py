@@ -194,10 +194,11 @@ class FCLMConfig:
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     projector_layers: int = 2
     """Depth of the MLPs mapping LLM hidden states to the SAM prompt space."""
-    seg_query_norm: Literal["none", "running"] = "none"
-    """``running``: the seg projector standardises h[SEG] with running statistics first
-    (:class:`fclm.model.projectors.RunningStandardize`). Needed by randomly initialised backbones
-    (``tiny``, ``small``), whose h[SEG] barely varies between samples; LISA-style ``none`` for pretrained ones."""
+    seg_query_norm: Literal["none", "standardize"] = "none"
+    """``standardize``: the seg projector first standardises h[SEG] per feature with statistics
+    learned from the training batches (:class:`fclm.model.projectors.FeatureStandardize`). Needed by
+    randomly initialised backbones (``tiny``, ``small``), whose h[SEG] barely varies between samples;
+    LISA's plain projector (``none``) for pretrained ones."""
     decode_mask_tokens: bool = False
     """Also decode ``<mask>`` tokens through a projector + SAM decoder (needed for self-reconstruction
     from ``<mask>``: ``losses.self_recon_source`` = ``mask`` or ``both``, a seed 002 ablation)."""
@@ -212,7 +213,7 @@ def _tiny() -> FCLMConfig:
             decoder_depth=2, decoder_mlp_dim=256, decoder_num_heads=4, iou_head_hidden_dim=64,
         ),
         region_extractor=RegionExtractorConfig(hidden_dim=64, num_heads=4, num_points=4, pooled_mask_size=16),
-        seg_query_norm="running",
+        seg_query_norm="standardize",
     )
 
 
@@ -231,7 +232,7 @@ def _small() -> FCLMConfig:
             decoder_depth=2, decoder_mlp_dim=1024, decoder_num_heads=8, iou_head_hidden_dim=256,
         ),
         region_extractor=RegionExtractorConfig(hidden_dim=256, num_heads=8, num_points=4),
-        seg_query_norm="running",
+        seg_query_norm="standardize",
     )
 
 

@@ -395,7 +395,7 @@ def _assemble(
         backbone=backbone,
         sam=sam,
         region_extractor=extractor,
-        seg_projector=project(input_norm=config.seg_query_norm == "running"),
+        seg_projector=project(input_norm=config.seg_query_norm == "standardize"),
         pos_projector=project(),
         mask_projector=project() if config.decode_mask_tokens else None,
         heads=heads,

@@ -3,8 +3,8 @@
 FCLM uses three: ``seg_projector`` (h[SEG] → z_seg), ``pos_projector`` (<pos> token → z_pos) and,
 for the self-reconstruction ablation, ``mask_projector`` (<mask> token → prompt space).
 
-``seg_projector`` may standardise its input first (:class:`RunningStandardize`, config
-``seg_query_norm: running``). In a randomly initialised LLM the ``[SEG]`` state is almost the same
+``seg_projector`` may standardise its input first (:class:`FeatureStandardize`, config
+``seg_query_norm: standardize``). In a randomly initialised LLM the ``[SEG]`` state is almost the same
 vector in every sample (its own embedding dominates the residual stream) and the part that depends on
 the expression is ~1% of its variance; without standardisation the mask decoder learns to ignore the
 query and the mask loss never teaches the LLM to route the expression (docs/benchmarks.md, "Demo").
@@ -16,68 +16,85 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["MLPProjector", "RunningStandardize"]
+__all__ = ["FeatureStandardize", "MLPProjector"]
 
 
-class RunningStandardize(nn.Module):
-    """Per-feature ``(x − mean) / sqrt(var + eps)`` with running statistics, used in training and inference.
+class FeatureStandardize(nn.Module):
+    """Per-feature ``(x − mean) / sqrt(var + eps)`` with statistics learned from the training batches.
 
-    Unlike BatchNorm, a sample is never normalised with its own batch: in training each batch first
-    updates the running mean/var (exponential moving average, no gradient; the first batch sets them),
-    then every row is normalised with the running values, so the output does not depend on which other
-    samples share the batch, and a batch of one works. Under ``torch.distributed`` the batch statistics
-    are summed over processes (every process must call ``forward`` each step, with zero rows if it has
-    none), so all ranks keep the same statistics. ``update_stats = False`` (set by the trainability
-    policy when the projector is frozen) keeps them fixed. The statistics are buffers: checkpoints and
-    ``save_pretrained`` carry them.
+    In training (with ``update_stats`` on and autograd enabled) each batch's mean/var first update
+    running averages (exponential moving average; the first batch sets them), then the batch is
+    normalised with the updated running values — the same map inference uses, and a batch of one
+    works. With ``batch_min_rows`` set, a training batch with at least that many rows is normalised
+    with its own statistics instead (BatchNorm-style); in the demo that mode lost to the running one,
+    because task-grouped batches then train on per-task statistics that inference never sees
+    (docs/benchmarks.md, "Demo"). ``update_stats = False`` (the trainability policy sets it when the
+    projector is frozen) keeps the statistics fixed.
+
+    The statistics are detached (no gradient flows through them) and, under ``torch.distributed``,
+    summed over processes — every process must call ``forward`` each step, with zero rows if it has none
+    — so all ranks normalise alike. They are buffers: checkpoints and ``save_pretrained`` carry them.
 
     Arguments:
       dim: feature width.
       momentum: weight of a new batch in the moving average.
       eps: added to the variance.
+      batch_min_rows: if set (≥ 2), training batches with at least this many rows (over all processes)
+        are normalised with their own statistics.
     """
 
-    def __init__(self, dim: int, *, momentum: float = 0.05, eps: float = 1e-5) -> None:
+    def __init__(self, dim: int, *, momentum: float = 0.05, eps: float = 1e-5, batch_min_rows: int | None = None) -> None:
         super().__init__()
         if not 0.0 < momentum <= 1.0:
-            raise ValueError(f"RunningStandardize momentum must be in (0, 1], got {momentum}")
+            raise ValueError(f"FeatureStandardize momentum must be in (0, 1], got {momentum}")
+        if batch_min_rows is not None and batch_min_rows < 2:
+            raise ValueError(f"FeatureStandardize batch_min_rows must be >= 2, got {batch_min_rows}")
         self.momentum = momentum
         self.eps = eps
+        self.batch_min_rows = batch_min_rows
         self.update_stats = True
         self.register_buffer("running_mean", torch.zeros(dim))
         self.register_buffer("running_var", torch.ones(dim))
         self.register_buffer("num_batches", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def _update(self, x: torch.Tensor) -> None:
+    def _batch_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         # float64 sums: the variance of h[SEG] can be ~1e-4 of its mean square (E[x²] − E[x]² cancels)
         flat = x.detach().reshape(-1, x.shape[-1]).double()
         stats = torch.cat([flat.sum(0), (flat * flat).sum(0), flat.new_tensor([flat.shape[0]])])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stats)
         dim = x.shape[-1]
-        n = float(stats[-1])
-        if n < 2:  # nothing (or one row) to estimate a variance from anywhere
-            return
-        mean = stats[:dim] / n
-        var = (stats[dim : 2 * dim] / n - mean * mean).clamp(min=0.0)
+        n = int(stats[-1])
+        mean = stats[:dim] / max(n, 1)
+        var = (stats[dim : 2 * dim] / max(n, 1) - mean * mean).clamp(min=0.0)
+        return mean.float(), var.float(), n
+
+    @torch.no_grad()
+    def _update(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        mean, var = mean.to(self.running_mean.dtype), var.to(self.running_var.dtype)
         if int(self.num_batches) == 0:
-            self.running_mean.copy_(mean.to(self.running_mean.dtype))
-            self.running_var.copy_(var.to(self.running_var.dtype))
+            self.running_mean.copy_(mean)
+            self.running_var.copy_(var)
         else:
-            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-            self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var, self.momentum)
         self.num_batches += 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(…, dim) → (…, dim), standardised per feature."""
+        batch = None
         if self.training and self.update_stats and torch.is_grad_enabled():
-            self._update(x)
-        scale = torch.rsqrt(self.running_var + self.eps)
-        return ((x.float() - self.running_mean) * scale).to(x.dtype)
+            batch_mean, batch_var, n = self._batch_stats(x)
+            if n >= 2:  # one row (or none) anywhere: no variance to estimate
+                self._update(batch_mean, batch_var)
+            if self.batch_min_rows is not None and n >= self.batch_min_rows:
+                batch = (batch_mean, batch_var)
+        mean, var = batch if batch is not None else (self.running_mean.float(), self.running_var.float())
+        return ((x.float() - mean) * torch.rsqrt(var + self.eps)).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.running_mean.shape[0]}, momentum={self.momentum}, eps={self.eps}"
+        return f"{self.running_mean.shape[0]}, momentum={self.momentum}, eps={self.eps}, batch_min_rows={self.batch_min_rows}"
 
 
 class MLPProjector(nn.Module):
@@ -88,7 +105,7 @@ class MLPProjector(nn.Module):
       out_dim: output width (e.g. SAM prompt dim).
       num_layers: number of Linear layers (≥ 1); 2 gives LISA's ``Linear(in, in) → ReLU → Linear(in, out)``.
       hidden_dim: width of the hidden layers; defaults to ``in_dim`` as in LISA.
-      input_norm: standardise the input with :class:`RunningStandardize` first.
+      input_norm: standardise the input with :class:`FeatureStandardize` first.
     """
 
     def __init__(
@@ -104,7 +121,7 @@ class MLPProjector(nn.Module):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
             if i < num_layers - 1:
                 layers.append(nn.ReLU(inplace=True))
-        self.norm = RunningStandardize(in_dim) if input_norm else None
+        self.norm = FeatureStandardize(in_dim) if input_norm else None
         self.layers = nn.Sequential(*layers)
         self.in_dim = in_dim
         self.out_dim = out_dim

@@ -238,7 +238,7 @@ def test_seg_query_norm_learns_statistics_in_training_and_save_load_keeps_them(b
     fresh = build_fclm(preset("tiny")).train()
     norm = fresh.seg_projector.norm
     assert norm is not None and int(norm.num_batches) == 0
-    out = fresh(batch)
+    out = fresh(batch)  # the first batch sets the statistics and is normalised with them
     seg = out["seg_hidden"].detach()
     assert seg.shape[0] == 2 and int(norm.num_batches) == 1
     torch.testing.assert_close(norm.running_mean, seg.mean(0))

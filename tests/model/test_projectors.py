@@ -1,5 +1,5 @@
-"""MLPProjector: LISA's Linear-ReLU-Linear layout and its output computed by hand; RunningStandardize's
-moving averages against a hand computation."""
+"""MLPProjector: LISA's Linear-ReLU-Linear layout and its output computed by hand; FeatureStandardize's
+statistics against a hand computation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fclm.model.projectors import MLPProjector, RunningStandardize
+from fclm.model.projectors import MLPProjector, FeatureStandardize
 
 
 def test_two_layers_is_lisa_text_hidden_fcs() -> None:
@@ -33,43 +33,72 @@ def test_depths() -> None:
         MLPProjector(in_dim=8, out_dim=4, num_layers=0)
 
 
-def test_running_standardize_moving_average_by_hand() -> None:
-    norm = RunningStandardize(3, momentum=0.25).train()
+def _standardized(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    return (x - mean) / torch.sqrt(var + eps)
+
+
+def test_feature_standardize_batch_statistics_and_moving_average_by_hand() -> None:
+    norm = FeatureStandardize(3, momentum=0.25, batch_min_rows=2).train()
     a, b = torch.randn(6, 3) * 4 + 2, torch.randn(5, 3) * 0.5 - 1
-    out_a = norm(a)
-    # the first batch sets the statistics (population variance) and is normalised with them
+    # with batch_min_rows, a training batch is normalised with its own (population) statistics ...
+    torch.testing.assert_close(norm(a), _standardized(a, a.mean(0), a.var(0, unbiased=False)))
+    # ... which the first batch copies into the running statistics, later ones blend in
     torch.testing.assert_close(norm.running_mean, a.mean(0))
     torch.testing.assert_close(norm.running_var, a.var(0, unbiased=False))
-    torch.testing.assert_close(out_a, (a - a.mean(0)) / torch.sqrt(a.var(0, unbiased=False) + norm.eps))
-    out_b = norm(b)
+    torch.testing.assert_close(norm(b), _standardized(b, b.mean(0), b.var(0, unbiased=False)))
     mean = 0.75 * a.mean(0) + 0.25 * b.mean(0)
     var = 0.75 * a.var(0, unbiased=False) + 0.25 * b.var(0, unbiased=False)
     torch.testing.assert_close(norm.running_mean, mean)
     torch.testing.assert_close(norm.running_var, var)
-    torch.testing.assert_close(out_b, (b - mean) / torch.sqrt(var + norm.eps))
     assert int(norm.num_batches) == 2
+    # inference uses the running statistics, row by row
+    norm.eval()
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(norm(x), _standardized(x, mean, var))
+    torch.testing.assert_close(norm(x)[:2], norm(x[:2]))
 
 
-def test_running_standardize_rows_do_not_see_their_batch() -> None:
-    """Unlike BatchNorm: a row's output depends on the running statistics only, not on its batch mates."""
-    norm = RunningStandardize(4).train()
+def test_feature_standardize_default_uses_the_updated_running_statistics() -> None:
+    norm = FeatureStandardize(4).train()  # default: running statistics in training too
+    first = torch.randn(8, 4) * 3
+    torch.testing.assert_close(norm(first), _standardized(first, first.mean(0), first.var(0, unbiased=False)))
+    mean, var = norm.running_mean.clone(), norm.running_var.clone()
+    many = torch.randn(9, 4) + 5  # blended in first, then the batch is normalised with the blend
+    new_mean = 0.95 * mean + 0.05 * many.mean(0)
+    new_var = 0.95 * var + 0.05 * many.var(0, unbiased=False)
+    torch.testing.assert_close(norm(many), _standardized(many, new_mean, new_var))
+    torch.testing.assert_close(norm.running_mean, new_mean)
+    small = FeatureStandardize(4, batch_min_rows=4).train()
+    small(first)
+    three = torch.randn(3, 4) + 5  # below batch_min_rows: the (updated) running statistics
+    out = small(three)
+    torch.testing.assert_close(out, _standardized(three, small.running_mean, small.running_var))
+    torch.testing.assert_close(small.running_mean, 0.95 * first.mean(0) + 0.05 * three.mean(0))
+
+
+def test_feature_standardize_frozen_and_no_grad_keep_statistics() -> None:
+    norm = FeatureStandardize(4).train()
     norm(torch.randn(8, 4) * 3)
-    frozen = copy.deepcopy(norm).eval()
-    x = torch.randn(5, 4)
-    torch.testing.assert_close(frozen(x)[:2], frozen(x[:2]))
     before = norm.running_mean.clone()
-    frozen(torch.randn(7, 4) + 10)  # eval: no update
-    torch.testing.assert_close(frozen.running_mean, before)
-    norm.update_stats = False  # a frozen projector keeps its statistics in training too
-    norm(torch.randn(7, 4) + 10)
+    norm.update_stats = False  # a frozen projector keeps its statistics and uses them
+    many = torch.randn(7, 4) + 10
+    torch.testing.assert_close(norm(many), _standardized(many, before, norm.running_var))
     torch.testing.assert_close(norm.running_mean, before)
-    with torch.no_grad():  # and so does a no-grad forward
-        RunningStandardize(4).train()(torch.randn(3, 4))
-    one = RunningStandardize(4).train()
+    norm.update_stats = True
+    with torch.no_grad():  # a no-grad forward (generation, probes) changes nothing
+        norm(many)
+    torch.testing.assert_close(norm.running_mean, before)
+    one = FeatureStandardize(4).train()
     one(torch.randn(1, 4))  # one row: no variance to estimate, statistics untouched
     assert int(one.num_batches) == 0 and torch.equal(one.running_var, torch.ones(4))
+    # the statistics are detached: the gradient is that of a fixed affine map
+    x = torch.randn(6, 4, requires_grad=True)
+    FeatureStandardize(4, batch_min_rows=2).train()(x).sum().backward()
+    torch.testing.assert_close(x.grad, (1.0 / torch.sqrt(x.detach().var(0, unbiased=False) + 1e-5)).expand(6, 4))
     with pytest.raises(ValueError, match="momentum"):
-        RunningStandardize(4, momentum=0.0)
+        FeatureStandardize(4, momentum=0.0)
+    with pytest.raises(ValueError, match="batch_min_rows"):
+        FeatureStandardize(4, batch_min_rows=1)
 
 
 def test_input_norm_standardises_before_the_mlp() -> None:

@@ -105,7 +105,7 @@ def test_stage2_freezes_what_stage1_trained(base_model):
 
 
 def test_running_statistics_follow_the_projectors_mode(base_model):
-    """The seg projector's RunningStandardize (tiny preset) updates its statistics only where projectors train."""
+    """The seg projector's FeatureStandardize (tiny preset) updates its statistics only where projectors train."""
     model = copy.deepcopy(base_model)
     norm = model.seg_projector.norm
     assert norm is not None
