@@ -35,6 +35,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from fclm.io import write_json
+from fclm.training.trainability import tracked_names
 
 logger = logging.getLogger(__name__)
 
@@ -110,13 +111,6 @@ def _is_deepspeed(accelerator: Any) -> bool:
 
 def trainable_names(module: nn.Module) -> list[str]:
     return [n for n, p in module.named_parameters() if p.requires_grad]
-
-
-def tracked_names(module: nn.Module) -> list[str]:
-    """What a checkpoint keeps: trainable parameters and buffers that training updates (running statistics)."""
-    from fclm.training.trainability import stateful_buffer_names
-
-    return trainable_names(module) + stateful_buffer_names(module)
 
 
 def check_keys(expected: list[str], found: list[str], where: str) -> None:

@@ -192,10 +192,15 @@ def stateful_buffer_names(model: nn.Module) -> list[str]:
     return names
 
 
+def tracked_names(model: nn.Module) -> list[str]:
+    """The ``state_dict`` keys training changes, i.e. what a checkpoint keeps: trainable parameters and
+    :func:`stateful_buffer_names`."""
+    return [n for n, p in model.named_parameters() if p.requires_grad] + stateful_buffer_names(model)
+
+
 def trainable_state_dict(model: nn.Module) -> dict:
-    """The entries of ``model.state_dict()`` that training changes (what a checkpoint must keep):
-    trainable parameters and :func:`stateful_buffer_names`."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad} | set(stateful_buffer_names(model))
+    """The entries of ``model.state_dict()`` named by :func:`tracked_names`."""
+    names = set(tracked_names(model))
     return {k: v for k, v in model.state_dict().items() if k in names}
 
 
@@ -208,5 +213,6 @@ __all__ = [
     "lora_target_regex",
     "trainable_state_dict",
     "stateful_buffer_names",
+    "tracked_names",
     "has_lora",
 ]
