@@ -45,7 +45,9 @@ def _cfg(case: dict, data: Path, cache_dir: Path):
         "stage": 1,  # stage 2's policy below; a stage-1 config avoids needing an export
         "model": model,
         "data": {"root": str(data), "train": [{"path": f} for f in files], "batch_size": case["batch"]},
-        "trainability": {"region_extractor": "frozen", "projectors": "frozen", "sam_decoder": "frozen", "heads": "frozen"} if stage == 2 else {},
+        # as demo_stage1.yaml / demo_stage2.yaml: the whole lm_head trains in both stages
+        "trainability": {"lm_head": "full", **({"region_extractor": "frozen", "projectors": "frozen", "sam_decoder": "frozen",
+                                                "heads": "frozen"} if stage == 2 else {})},
         "loss": {"weights": {"loss_self_recon": 0.0, "loss_latent": 1.0}} if stage == 2 else {},
         "optim": {"lr": 1e-3},
         "sam_cache": {"dir": str(cache_dir)},
