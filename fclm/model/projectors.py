@@ -25,10 +25,9 @@ class FeatureStandardize(nn.Module):
     In training (with ``update_stats`` on and autograd enabled) each batch's mean/var first update
     running averages (exponential moving average; the first batch sets them), then the batch is
     normalised with the updated running values — the same map inference uses, and a batch of one
-    works. With ``batch_min_rows`` set, a training batch with at least that many rows is normalised
-    with its own statistics instead (BatchNorm-style); in the demo that mode lost to the running one,
-    because task-grouped batches then train on per-task statistics that inference never sees
-    (docs/benchmarks.md, "Demo"). ``update_stats = False`` (the trainability policy sets it when the
+    works. (Normalising a training batch with its own statistics, as BatchNorm does, lost in the demo:
+    with task-grouped batches each task trains on statistics that inference never sees; see
+    docs/benchmarks.md, "Demo".) ``update_stats = False`` (the trainability policy sets it when the
     projector is frozen) keeps the statistics fixed.
 
     The statistics are detached (no gradient flows through them) and, under ``torch.distributed``,
@@ -39,26 +38,21 @@ class FeatureStandardize(nn.Module):
       dim: feature width.
       momentum: weight of a new batch in the moving average.
       eps: added to the variance.
-      batch_min_rows: if set (≥ 2), training batches with at least this many rows (over all processes)
-        are normalised with their own statistics.
     """
 
-    def __init__(self, dim: int, *, momentum: float = 0.05, eps: float = 1e-5, batch_min_rows: int | None = None) -> None:
+    def __init__(self, dim: int, *, momentum: float = 0.05, eps: float = 1e-5) -> None:
         super().__init__()
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"FeatureStandardize momentum must be in (0, 1], got {momentum}")
-        if batch_min_rows is not None and batch_min_rows < 2:
-            raise ValueError(f"FeatureStandardize batch_min_rows must be >= 2, got {batch_min_rows}")
         self.momentum = momentum
         self.eps = eps
-        self.batch_min_rows = batch_min_rows
         self.update_stats = True
         self.register_buffer("running_mean", torch.zeros(dim))
         self.register_buffer("running_var", torch.ones(dim))
         self.register_buffer("num_batches", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def _batch_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _update(self, x: torch.Tensor) -> None:
         # float64 sums: the variance of h[SEG] can be ~1e-4 of its mean square (E[x²] − E[x]² cancels)
         flat = x.detach().reshape(-1, x.shape[-1]).double()
         stats = torch.cat([flat.sum(0), (flat * flat).sum(0), flat.new_tensor([flat.shape[0]])])
@@ -66,13 +60,10 @@ class FeatureStandardize(nn.Module):
             dist.all_reduce(stats)
         dim = x.shape[-1]
         n = int(stats[-1])
-        mean = stats[:dim] / max(n, 1)
-        var = (stats[dim : 2 * dim] / max(n, 1) - mean * mean).clamp(min=0.0)
-        return mean.float(), var.float(), n
-
-    @torch.no_grad()
-    def _update(self, mean: torch.Tensor, var: torch.Tensor) -> None:
-        mean, var = mean.to(self.running_mean.dtype), var.to(self.running_var.dtype)
+        if n < 2:  # one row (or none) anywhere: no variance to estimate
+            return
+        mean = (stats[:dim] / n).to(self.running_mean.dtype)
+        var = (stats[dim : 2 * dim] / n - (stats[:dim] / n) ** 2).clamp(min=0.0).to(self.running_var.dtype)
         if int(self.num_batches) == 0:
             self.running_mean.copy_(mean)
             self.running_var.copy_(var)
@@ -83,18 +74,13 @@ class FeatureStandardize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(…, dim) → (…, dim), standardised per feature."""
-        batch = None
         if self.training and self.update_stats and torch.is_grad_enabled():
-            batch_mean, batch_var, n = self._batch_stats(x)
-            if n >= 2:  # one row (or none) anywhere: no variance to estimate
-                self._update(batch_mean, batch_var)
-            if self.batch_min_rows is not None and n >= self.batch_min_rows:
-                batch = (batch_mean, batch_var)
-        mean, var = batch if batch is not None else (self.running_mean.float(), self.running_var.float())
-        return ((x.float() - mean) * torch.rsqrt(var + self.eps)).to(x.dtype)
+            self._update(x)
+        scale = torch.rsqrt(self.running_var.float() + self.eps)
+        return ((x.float() - self.running_mean.float()) * scale).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.running_mean.shape[0]}, momentum={self.momentum}, eps={self.eps}, batch_min_rows={self.batch_min_rows}"
+        return f"{self.running_mean.shape[0]}, momentum={self.momentum}, eps={self.eps}"
 
 
 class MLPProjector(nn.Module):
