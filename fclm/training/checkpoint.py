@@ -35,7 +35,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from fclm.io import write_json
-from fclm.training.trainability import tracked_names
+from fclm.training.trainability import trainable_names, tracked_names
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +107,6 @@ def _is_deepspeed(accelerator: Any) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-def trainable_names(module: nn.Module) -> list[str]:
-    return [n for n, p in module.named_parameters() if p.requires_grad]
 
 
 def check_keys(expected: list[str], found: list[str], where: str) -> None:

@@ -192,10 +192,15 @@ def stateful_buffer_names(model: nn.Module) -> list[str]:
     return names
 
 
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that require gradients."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
 def tracked_names(model: nn.Module) -> list[str]:
-    """The ``state_dict`` keys training changes, i.e. what a checkpoint keeps: trainable parameters and
-    :func:`stateful_buffer_names`."""
-    return [n for n, p in model.named_parameters() if p.requires_grad] + stateful_buffer_names(model)
+    """The ``state_dict`` keys training changes, i.e. what a checkpoint keeps: :func:`trainable_names`
+    and :func:`stateful_buffer_names`."""
+    return trainable_names(model) + stateful_buffer_names(model)
 
 
 def trainable_state_dict(model: nn.Module) -> dict:
@@ -214,5 +219,6 @@ __all__ = [
     "trainable_state_dict",
     "stateful_buffer_names",
     "tracked_names",
+    "trainable_names",
     "has_lora",
 ]
