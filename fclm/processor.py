@@ -374,12 +374,42 @@ class FCLMProcessor:
     # one record
     # ------------------------------------------------------------------------------------------
 
-    def encode_record(self, record: dict, image: Image.Image, *, add_generation_prompt: bool = False) -> dict:
+    def encode_image(self, image: Image.Image) -> dict[str, Any]:
+        """The per-image part of an encoding, computed once and reusable for several records of one image.
+
+        Returns ``pixel_values``, ``image_grid_thw`` (Qwen), ``sam_images`` (3×S×S), ``sam_valid_hw``,
+        ``original_hw`` (H, W), ``image_keys`` (the SAM embedding cache key) and ``pixel_hash``.
+        """
+        if image.mode != "RGB":
+            image = to_rgb(image)
+        pixel_values, grid_thw = self.qwen_image_inputs(image)
+        sam_image, resized_hw = self.sam_preprocess(image)
+        pixel_hash = _sha1(f"{image.width}x{image.height}", image.tobytes())
+        return {
+            "pixel_values": pixel_values,
+            "image_grid_thw": grid_thw,
+            "sam_images": sam_image,
+            "sam_valid_hw": torch.tensor(resized_hw, dtype=torch.long),
+            "original_hw": torch.tensor([image.height, image.width], dtype=torch.long),
+            "image_keys": _sha1(pixel_hash, self.sam_signature()),
+            "pixel_hash": pixel_hash,
+        }
+
+    def encode_record(
+        self,
+        record: dict,
+        image: Image.Image,
+        *,
+        add_generation_prompt: bool = False,
+        image_inputs: dict[str, Any] | None = None,
+    ) -> dict:
         """Encode one record with its (RGB) image into per-sample tensors; :meth:`collate` batches them.
 
         With ``add_generation_prompt=True`` the conversation must end with a user turn; the assistant
         header is appended, nothing is labelled, the record's ``targets`` are not read, and any ``[SEG]``
         in earlier assistant turns gets an empty target (so ``N`` still counts every ``[SEG]`` token).
+
+        ``image_inputs`` (from :meth:`encode_image` of the same image) skips the per-image preprocessing.
 
         Raises :class:`~fclm.io.RecordError` (a ``ValueError``) naming the record and the problem:
         ``[SEG]`` count ≠ number of targets, ``<region>`` placeholders ≠ in-prompt regions, ``<regionN>``
@@ -417,7 +447,11 @@ class FCLMProcessor:
             raise fail("add_generation_prompt needs a conversation that ends with a user turn")
 
         # ---- images
-        pixel_values, grid_thw = self.qwen_image_inputs(image)
+        if image_inputs is None:
+            image_inputs = self.encode_image(image)
+        elif tuple(image_inputs["original_hw"].tolist()) != (height, width):
+            raise fail(f"image_inputs are for a {tuple(image_inputs['original_hw'].tolist())} image, not {(height, width)}")
+        pixel_values, grid_thw = image_inputs["pixel_values"], image_inputs["image_grid_thw"]
         n_image_tokens = self.num_image_tokens(grid_thw)
 
         # ---- regions referenced by placeholders
@@ -495,9 +529,8 @@ class FCLMProcessor:
         mm_token_type_ids = (input_ids_t == ids["image_pad"]).long()
 
         # ---- SAM frame
-        sam_image, resized_hw = self.sam_preprocess(image)
-        pixel_hash = _sha1(f"{width}x{height}", image.tobytes())
-        image_key = _sha1(pixel_hash, self.sam_signature())
+        resized_hw = tuple(image_inputs["sam_valid_hw"].tolist())
+        pixel_hash = image_inputs["pixel_hash"]
 
         # ---- regions
         region_masks, region_boxes, crops, crop_masks, crop_keys = [], [], [], [], []
@@ -550,10 +583,10 @@ class FCLMProcessor:
             "mm_token_type_ids": mm_token_type_ids,
             "pixel_values": pixel_values,
             "image_grid_thw": grid_thw,
-            "sam_images": sam_image,
-            "sam_valid_hw": torch.tensor(resized_hw, dtype=torch.long),
-            "original_hw": torch.tensor([height, width], dtype=torch.long),
-            "image_keys": image_key,
+            "sam_images": image_inputs["sam_images"],
+            "sam_valid_hw": image_inputs["sam_valid_hw"],
+            "original_hw": image_inputs["original_hw"],
+            "image_keys": image_inputs["image_keys"],
             "region_masks": torch.stack(region_masks) if region_masks else torch.zeros((0, s, s)),
             "region_boxes": torch.tensor(region_boxes, dtype=torch.float32).reshape(-1, 4),
             "region_in_prompt": torch.tensor(region_flags, dtype=torch.bool),
@@ -636,14 +669,17 @@ class FCLMProcessor:
     # batches
     # ------------------------------------------------------------------------------------------
 
-    def collate(self, encoded: Sequence[dict]) -> dict[str, Any]:
+    def collate(self, encoded: Sequence[dict], *, padding_side: str = "right") -> dict[str, Any]:
         """Stack per-sample encodings (from :meth:`encode_record`) into one batch with exactly :data:`BATCH_KEYS`.
 
-        Token tensors are right-padded (``pad`` id, attention 0, label -100, type 0); region and target rows
-        are concatenated sample by sample; index tensors and ``latent_pairs`` are made global.
+        Token tensors are padded (``pad`` id, attention 0, label -100, type 0) on the right for training,
+        or on the left (``padding_side="left"``) for batched generation; region and target rows are
+        concatenated sample by sample; index tensors and ``latent_pairs`` are made global.
         """
         if not encoded:
             raise ValueError("cannot collate an empty list of samples")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         b = len(encoded)
         length = max(int(e["input_ids"].shape[0]) for e in encoded)
         input_ids = torch.full((b, length), self.token_ids["pad"], dtype=torch.long)
@@ -652,10 +688,11 @@ class FCLMProcessor:
         mm_token_type_ids = torch.zeros((b, length), dtype=torch.long)
         for i, e in enumerate(encoded):
             n = int(e["input_ids"].shape[0])
-            input_ids[i, :n] = e["input_ids"]
-            attention_mask[i, :n] = 1
-            labels[i, :n] = e["labels"]
-            mm_token_type_ids[i, :n] = e["mm_token_type_ids"]
+            cols = slice(0, n) if padding_side == "right" else slice(length - n, length)
+            input_ids[i, cols] = e["input_ids"]
+            attention_mask[i, cols] = 1
+            labels[i, cols] = e["labels"]
+            mm_token_type_ids[i, cols] = e["mm_token_type_ids"]
         n_regions = [int(e["region_masks"].shape[0]) for e in encoded]
         n_segs = [int(e["target_masks"].shape[0]) for e in encoded]
         region_offsets = np.concatenate([[0], np.cumsum(n_regions)[:-1]]).astype(int)

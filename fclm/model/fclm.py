@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,30 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "fclm_config.json"
 MODULES_NAME = "fclm_modules.safetensors"
 BACKBONE_DIR = "backbone"
+
+
+@dataclass
+class ImageFeatures:
+    """What :meth:`FCLM.encode_images` computes once per image (B images, in batch order).
+
+    Attributes:
+        vision_tokens: B tensors (n_b×D), the Qwen vision tower's merged features, one row per
+            ``<|image_pad|>`` token, in raster order.
+        vision_grids: the same as B maps (gh_b×gw_b×D), for the region extractor's semantic guidance.
+        image_embeddings: B×C×h×w SAM image embeddings.
+    """
+
+    vision_tokens: list[torch.Tensor]
+    vision_grids: list[torch.Tensor]
+    image_embeddings: torch.Tensor
+
+    def select(self, indices: list[int]) -> "ImageFeatures":
+        """The features of images ``indices`` (in that order), e.g. one cached image repeated for a batch."""
+        return ImageFeatures(
+            vision_tokens=[self.vision_tokens[i] for i in indices],
+            vision_grids=[self.vision_grids[i] for i in indices],
+            image_embeddings=self.image_embeddings[list(indices)],
+        )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -104,19 +129,22 @@ class FCLM(nn.Module):
             return cached
         return self.sam.encode(batch["sam_images"])
 
-    def _vision_features(self, batch: dict) -> tuple[Any, list[torch.Tensor]]:
-        """Run the Qwen vision tower once; return its output and per-image merged grids (gh/m × gw/m × D).
+    def encode_images(self, batch: dict) -> ImageFeatures:
+        """The image step: the Qwen vision tower and the SAM image encoder, once per image.
 
         ``pooler_output`` comes back in raster order of the merged grid (transformers undoes the
-        window permutation), i.e. the order of the image tokens in the LLM input.
+        window permutation), i.e. the order of the image tokens in the LLM input. SAM embeddings
+        given in the batch (``sam_image_embeddings``, the training cache) are used as they are.
         """
         qwen = self.qwen
         out = qwen.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
         merge = qwen.config.vision_config.spatial_merge_size
-        grids = []
-        for feats, (t, h, w) in zip(out.pooler_output, batch["image_grid_thw"].tolist()):
-            grids.append(feats.view(t, h // merge, w // merge, -1)[0])
-        return out, grids
+        tokens = list(out.pooler_output)
+        grids = [
+            feats.view(t, h // merge, w // merge, -1)[0]
+            for feats, (t, h, w) in zip(tokens, batch["image_grid_thw"].tolist())
+        ]
+        return ImageFeatures(vision_tokens=tokens, vision_grids=grids, image_embeddings=self._image_embeddings(batch))
 
     def encode_regions(
         self, batch: dict, image_embeddings: torch.Tensor, vision_grids: list[torch.Tensor]
@@ -160,21 +188,23 @@ class FCLM(nn.Module):
                 embeds = embeds.masked_scatter(positions.unsqueeze(-1), values)
         return embeds
 
-    def embed_inputs(self, batch: dict) -> dict[str, Any]:
-        """Everything before the LLM: input embeddings with the image features and region tokens scattered in
-        (``get_placeholder_mask`` + ``masked_scatter``, as transformers inserts image features), and the SAM
-        image embeddings. ``input_ids`` still go to the LLM beside the embeddings, for the 3-D rope positions."""
+    def embed_prompt(self, batch: dict, images: ImageFeatures) -> dict[str, Any]:
+        """The prompt step: input embeddings with the image features and region tokens scattered in
+        (``get_placeholder_mask`` + ``masked_scatter``, as transformers inserts image features).
+
+        ``images`` holds the features of the batch's images in batch order (from :meth:`encode_images`,
+        possibly computed once and reused for several prompts). Returns ``inputs_embeds`` (B×L×D),
+        ``mask_tokens`` and ``pos_tokens`` (R×D).
+        """
         qwen = self.qwen
         input_ids = batch["input_ids"]
-        vision_out, vision_grids = self._vision_features(batch)
-        image_embeddings = self._image_embeddings(batch)
         n_regions = batch["region_masks"].shape[0] if "region_masks" in batch else 0
         embeds = qwen.get_input_embeddings()(input_ids)
-        image_features = torch.cat(vision_out.pooler_output, dim=0).to(embeds.dtype)
+        image_features = torch.cat(images.vision_tokens, dim=0).to(embeds.dtype)
         image_mask, _ = qwen.model.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=image_features)
         embeds = embeds.masked_scatter(image_mask, image_features)
         if n_regions:
-            mask_tokens, pos_tokens = self.encode_regions(batch, image_embeddings, vision_grids)
+            mask_tokens, pos_tokens = self.encode_regions(batch, images.image_embeddings, images.vision_grids)
         else:
             width = embeds.shape[-1]
             mask_tokens = pos_tokens = embeds.new_zeros((0, width))
@@ -183,13 +213,13 @@ class FCLM(nn.Module):
             if in_prompt is None:
                 in_prompt = torch.zeros(n_regions, dtype=torch.bool, device=input_ids.device)
             embeds = self._scatter_region_tokens(input_ids, embeds, in_prompt, mask_tokens, pos_tokens)
-        return dict(
-            inputs_embeds=embeds,
-            vision_out=vision_out,
-            image_embeddings=image_embeddings,
-            mask_tokens=mask_tokens,
-            pos_tokens=pos_tokens,
-        )
+        return dict(inputs_embeds=embeds, mask_tokens=mask_tokens, pos_tokens=pos_tokens)
+
+    def embed_inputs(self, batch: dict) -> dict[str, Any]:
+        """Everything before the LLM (:meth:`encode_images` then :meth:`embed_prompt`); ``input_ids`` still go
+        to the LLM beside the embeddings, for the 3-D rope positions."""
+        images = self.encode_images(batch)
+        return dict(self.embed_prompt(batch, images), images=images, image_embeddings=images.image_embeddings)
 
     def forward(self, batch: dict) -> dict[str, Any]:
         """Predictions for a batch built by :class:`~fclm.processor.FCLMProcessor` (see module docstring)."""
@@ -211,11 +241,49 @@ class FCLM(nn.Module):
         return outputs
 
     def _ground(self, batch: dict, hidden: torch.Tensor, image_embeddings: torch.Tensor) -> dict[str, Any]:
-        """``[SEG]`` hidden states → projector → the head each sample routes to."""
+        """``[SEG]`` hidden states of a teacher-forced forward → :meth:`ground`."""
         input_ids = batch["input_ids"]
         seg_positions = input_ids == self.token_ids["seg"]
         seg_batch_index = seg_positions.nonzero()[:, 0]
-        seg_hidden = hidden[seg_positions]
+        text_states = text_padding = None
+        if bool(seg_positions.any()):
+            text_states, text_padding = self._expression_states(batch, hidden, seg_positions)
+        return self.ground(
+            seg_hidden=hidden[seg_positions],
+            seg_batch_index=seg_batch_index,
+            image_embeddings=image_embeddings,
+            valid_hw=batch["sam_valid_hw"],
+            routes=batch.get("heads"),
+            text_states=text_states,
+            text_padding_mask=text_padding,
+        )
+
+    def ground(
+        self,
+        *,
+        seg_hidden: torch.Tensor,
+        seg_batch_index: torch.Tensor,
+        image_embeddings: torch.Tensor,
+        valid_hw: torch.Tensor,
+        routes: list[str] | None = None,
+        text_states: torch.Tensor | None = None,
+        text_padding_mask: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """``h[SEG]`` → seg projector → the head each sample routes to.
+
+        Shared by the teacher-forced :meth:`forward` and by inference, which takes ``h[SEG]`` from the
+        generation step that fed the token (:mod:`fclm.inference`).
+
+        Arguments:
+            seg_hidden: N×D last-layer hidden states at the ``[SEG]`` tokens, sample by sample.
+            seg_batch_index: N, the sample (image) of each ``[SEG]``.
+            image_embeddings: B×C×h×w SAM image embeddings; valid_hw: B×2.
+            routes: head name per sample (default ``config.heads.default``).
+            text_states, text_padding_mask: N×T×D expression states and N×T padding mask, or None.
+        Returns:
+            ``seg_hidden``, ``seg_embeddings``, ``seg_batch_index`` and ``heads``:
+            ``{name: {"query_index": n, "pred_*": …}}``.
+        """
         seg_embeddings = self.seg_projector(seg_hidden)
         result: dict[str, Any] = {
             "seg_hidden": seg_hidden,
@@ -225,21 +293,21 @@ class FCLM(nn.Module):
         }
         if seg_hidden.shape[0] == 0:
             return result
-        text_states, text_padding = self._expression_states(batch, hidden, seg_positions)
-        routes = batch.get("heads") or [self.config.heads.default] * input_ids.shape[0]
+        if routes is None:
+            routes = [self.config.heads.default] * image_embeddings.shape[0]
         seg_routes = [routes[i] for i in seg_batch_index.tolist()]
         for name in sorted(set(seg_routes)):
             if name not in self.heads:
                 raise ValueError(f"a sample routes [SEG] to head {name!r}, but the model has {sorted(self.heads)}")
-            query_index = torch.tensor([i for i, r in enumerate(seg_routes) if r == name], device=input_ids.device)
+            query_index = torch.tensor([i for i, r in enumerate(seg_routes) if r == name], device=seg_hidden.device)
             head_inputs = HeadInputs(
                 image_embeddings=image_embeddings,
                 seg_embeddings=seg_embeddings[query_index],
                 seg_hidden=seg_hidden[query_index],
                 seg_batch_index=seg_batch_index[query_index],
-                text_states=text_states[query_index],
-                text_padding_mask=text_padding[query_index],
-                valid_hw=batch["sam_valid_hw"],
+                text_states=None if text_states is None else text_states[query_index],
+                text_padding_mask=None if text_padding_mask is None else text_padding_mask[query_index],
+                valid_hw=valid_hw,
             )
             preds = self.heads[name](head_inputs)
             result["heads"][name] = {"query_index": query_index, **preds}
@@ -254,19 +322,15 @@ class FCLM(nn.Module):
         specialist heads (C3VG, IGVG) attend over these as the expression.
         """
         labels = batch.get("labels")
-        prompt = batch["attention_mask"].bool() & (batch["input_ids"] != self.token_ids["image_pad"])
+        prompt = self.expression_token_mask(batch["input_ids"], batch["attention_mask"])
         if labels is not None:
             prompt &= labels == -100
         rows, cols = seg_positions.nonzero(as_tuple=True)
-        selections = [(prompt[r] & (torch.arange(prompt.shape[1], device=prompt.device) < c)) for r, c in zip(rows, cols)]
-        length = max(1, max(int(s.sum()) for s in selections))
-        states = hidden.new_zeros((len(selections), length, hidden.shape[-1]))
-        padding = torch.ones((len(selections), length), dtype=torch.bool, device=hidden.device)
-        for i, (r, s) in enumerate(zip(rows.tolist(), selections)):
-            n = int(s.sum())
-            states[i, :n] = hidden[r][s]
-            padding[i, :n] = False
-        return states, padding
+        return gather_expression_states(hidden, prompt, rows, cols)
+
+    def expression_token_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """B×L bool: tokens that may belong to an expression (attended, not an image token)."""
+        return attention_mask.bool() & (input_ids != self.token_ids["image_pad"])
 
     def _reconstruct(self, batch: dict, pre: dict) -> dict[str, Any]:
         """Self-reconstruction: decode ``z_pos`` (and ``z_mask`` if enabled) on the region's own image."""
@@ -366,6 +430,25 @@ class FCLM(nn.Module):
                 f"{directory / MODULES_NAME} does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
         return model
+
+
+def gather_expression_states(
+    hidden: torch.Tensor, token_mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For query i, the states ``hidden[rows[i], j]`` of the tokens j < ``cols[i]`` where ``token_mask`` holds.
+
+    Returns N×T×D states (left-aligned, zero-padded) and the N×T padding mask (True = padding).
+    """
+    arange = torch.arange(token_mask.shape[1], device=token_mask.device)
+    selections = [token_mask[r] & (arange < c) for r, c in zip(rows.tolist(), cols.tolist())]
+    length = max([1] + [int(s.sum()) for s in selections])
+    states = hidden.new_zeros((len(selections), length, hidden.shape[-1]))
+    padding = torch.ones((len(selections), length), dtype=torch.bool, device=hidden.device)
+    for i, (r, s) in enumerate(zip(rows.tolist(), selections)):
+        n = int(s.sum())
+        states[i, :n] = hidden[r][s]
+        padding[i, :n] = False
+    return states, padding
 
 
 def _assemble(

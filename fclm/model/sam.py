@@ -8,6 +8,8 @@ directly. The rest of FCLM sees only:
 * :meth:`SamBackend.encode` — SAM-preprocessed images → image embeddings;
 * :meth:`SamBackend.decode` — image embeddings + sparse prompt embeddings, paired one to one →
   one low-resolution mask (logits) and its predicted IoU per pair;
+* :meth:`SamBackend.decode_prompts` — SAM's own prompts (clicks, a box) on one image → candidate
+  masks, for region prompts given as boxes, points or scribbles at inference;
 * :meth:`SamBackend.upsample_to_frame` / :meth:`SamBackend.postprocess_masks` — low-res logits →
   the S × S SAM frame / the original image.
 
@@ -156,6 +158,48 @@ class SamBackend(nn.Module):
         iou_pred = md.iou_prediction_head(iou_token_out)
         return masks[:, 0], iou_pred[:, 0]
 
+    def decode_prompts(
+        self,
+        image_embedding: torch.Tensor,
+        *,
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        box: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM's own prompts (clicks and/or a box) on one image → candidate masks, as ``SamPredictor`` does.
+
+        Runs SAM's prompt encoder and its mask decoder unchanged. As in SAM, one prompt is ambiguous
+        enough to ask for three candidates (``multimask_output``) when it is points only; a box, or
+        points with a box, gives one mask.
+
+        Arguments:
+          image_embedding: (1,C,h,w) the image's embedding (from :meth:`encode`).
+          points: (K,2) click coordinates (x, y) in the SAM frame's pixels; point_labels: (K,) 1 = positive,
+            0 = negative.
+          box: (4,) x1, y1, x2, y2 in the SAM frame's pixels.
+        Returns:
+          low_res_mask_logits (M,Hl,Wl) and iou_pred (M,), M = 3 for points only, else 1.
+        """
+        if points is None and box is None:
+            raise ValueError("SamBackend.decode_prompts needs points or a box")
+        dtype = self.mask_decoder.iou_token.weight.dtype
+        point_arg = None
+        if points is not None:
+            if point_labels is None or point_labels.shape != points.shape[:1]:
+                raise ValueError("SamBackend.decode_prompts: give one label per point")
+            point_arg = (points[None].to(dtype), point_labels[None].to(torch.int))
+        box_arg = None if box is None else box.reshape(1, 4).to(dtype)
+        sparse, dense = self.prompt_encoder(points=point_arg, boxes=box_arg, masks=None)
+        multimask = box is None
+        masks, iou = self.mask_decoder(
+            image_embeddings=image_embedding.to(dtype),
+            image_pe=self.prompt_encoder.get_dense_pe().to(dtype),
+            sparse_prompt_embeddings=sparse.to(dtype),
+            dense_prompt_embeddings=dense.to(dtype),
+            multimask_output=multimask,
+        )
+        return masks[0], iou[0]
+
     def upsample_to_frame(self, low_res: torch.Tensor) -> torch.Tensor:
         """(N,Hl,Wl) low-res logits → (N,S,S) logits in the SAM frame (bilinear, align_corners=False)."""
         return F.interpolate(low_res.unsqueeze(1), (self.img_size, self.img_size), mode="bilinear", align_corners=False).squeeze(1)
@@ -183,8 +227,8 @@ class SamBackend(nn.Module):
         if not (0 < vh <= self.img_size and 0 < vw <= self.img_size):
             raise ValueError(f"valid_hw {(vh, vw)} must lie inside the {self.img_size} × {self.img_size} SAM frame")
         if low_res.shape[0] == 0:
-            return low_res.new_zeros(0, oh, ow)
-        masks = self.upsample_to_frame(low_res)[:, :vh, :vw]
+            return low_res.new_zeros(0, oh, ow, dtype=torch.float32)
+        masks = self.upsample_to_frame(low_res.float())[:, :vh, :vw]
         return F.interpolate(masks.unsqueeze(1), (oh, ow), mode="bilinear", align_corners=False).squeeze(1)
 
 
