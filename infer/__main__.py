@@ -51,6 +51,7 @@ def distributed() -> tuple[int, int, int]:
 def run_inference(args: argparse.Namespace, data: Path, out: Path) -> int:
     """Load the model, answer ``data`` into ``out`` (this rank's share), merge the shards; return the exit code."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     from fclm.inference import FCLMPredictor, SamplingConfig
     from fclm.inference.batch import infer_file, merge_shards
@@ -60,6 +61,7 @@ def run_inference(args: argparse.Namespace, data: Path, out: Path) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not data.is_file():
         raise ValueError(f"--data {data}: no such file")
+    hf_logging.disable_progress_bar()  # transformers' per-load "Loading weights" bar: noise around our own
     rank, world, local_rank = distributed()
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

@@ -4,11 +4,13 @@
 
 1. builds ShapesRef (``fclm-data synthetic``) and a tiny byte-level BPE on its training text;
 2. scores the untrained model (the baseline), runs demo stage 1 and demo stage 2 (``fclm-train``);
-3. answers the held-out split with each exported model (``fclm.predict``) and scores it with
-   ``fclm-eval score`` (``fclm.metrics.score``); measures ``<pos>`` self-reconstruction and the latent
+3. answers and scores the held-out split with each exported model through ``fclm-eval run`` (=
+   ``fclm-infer`` + ``fclm-eval score``; captions through ``fclm-infer``); measures ``<pos>`` self-reconstruction and the latent
    cosine between ``z_seg`` and ``z_pos`` on held-out DL-RES pairs;
 4. writes overlays under ``OUT/overlays/``, ``OUT/summary.json`` and prints a table, each figure
-   beside its baseline.
+   beside its baseline;
+5. asks the final model one held-out question with ``fclm-chat`` one-shot: ``OUT/chat_example.png``
+   and ``OUT/chat_example.json``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fclm.io import ErrorReport, write_json, write_jsonl  # noqa: E402
+from fclm.io import write_json, write_jsonl  # noqa: E402
 from fclm.masks import decode_rle  # noqa: E402
 
 # Held-out records scored per task (the first ones of each file, deterministic).
@@ -76,22 +78,45 @@ def run_stage(config: str, overrides: list[str]) -> None:
         raise SystemExit(f"training {config} failed (exit {rc})")
 
 
-def predict(model, records: list[dict], data: Path, path: Path) -> list[dict]:
-    from fclm.predict import predict_records
+def eval_run(model_dir: Path, task: str, gt: list[dict], data: Path, out: Path) -> dict:
+    """``fclm-eval run`` (= ``fclm-infer`` + ``fclm-eval score``) on held-out records; the summary it wrote.
 
-    report = ErrorReport()
-    preds = list(predict_records(model, records, data, max_new_tokens=40, report=report))
-    if report.count:
-        print(f"[demo] prediction skipped {report.summary()}", flush=True)
-    write_jsonl(path, preds)
-    return preds
+    The records are written beside the data (image paths are relative to it) as ``eval_{task}_{n}.jsonl``,
+    so the same command line can be rerun by hand; ``out/predictions.jsonl`` holds the answers.
+    """
+    from eval.__main__ import main as eval_main
+
+    gt_path = data / f"eval_{task}_{len(gt)}.jsonl"
+    if not gt_path.exists():
+        write_jsonl(gt_path, gt)
+    (out / "predictions.jsonl").unlink(missing_ok=True)  # fclm-eval run resumes; the demo answers afresh
+    argv = ["run", "--model", str(model_dir), "--task", task, "--gt", str(gt_path), "--out", str(out),
+            "--batch-size", "8", "--max-new-tokens", "40", "--no-progress"]
+    rc = eval_main(argv)
+    if rc != 0:
+        raise SystemExit(f"fclm-eval {' '.join(argv)} failed (exit {rc})")
+    return {**json.loads((out / "summary.json").read_text()), "command": "fclm-eval " + " ".join(argv)}
+
+
+def infer(model_dir: Path, records: list[dict], data: Path, path: Path) -> list[dict]:
+    """``fclm-infer`` over held-out records (for figures that are not a benchmark metric, e.g. caption F1)."""
+    from infer.__main__ import main as infer_main
+
+    gt_path = data / f"eval_{path.stem}_{len(records)}.jsonl"
+    if not gt_path.exists():
+        write_jsonl(gt_path, records)
+    path.unlink(missing_ok=True)
+    rc = infer_main(["--model", str(model_dir), "--data", str(gt_path), "--out", str(path), "--batch-size", "8",
+                     "--max-new-tokens", "40", "--no-progress"])
+    if rc != 0:
+        raise SystemExit(f"fclm-infer on {gt_path} failed (exit {rc})")
+    return read_jsonl(path)
 
 
 def score(task: str, gt: list[dict], preds_path: Path, data: Path, out: Path) -> dict:
     from fclm.metrics import score as fclm_score
 
-    # The scorer resolves image paths against the GT file's folder, so the subset is written beside the data.
-    gt_path = data / f"_eval_{out.name}_{task}.jsonl"
+    gt_path = data / f"eval_{task}_{len(gt)}_{out.name}.jsonl"
     write_jsonl(gt_path, gt)
     try:
         return fclm_score(task, gt_path, preds_path, out)
@@ -126,17 +151,17 @@ def region_figures(model, records: list[dict], data: Path) -> dict:
     }
 
 
-def res_scores(model, name: str, val: dict, data: Path, out: Path) -> dict:
-    """RES on all held-out records and on images with ≥ 2 objects."""
-    preds_path = out / f"pred_{name}_res.jsonl"
-    predict(model, val["res"], data, preds_path)
-    full = score("res", val["res"], preds_path, data, out / f"score_{name}_res")
+def res_scores(model_dir: Path, name: str, val: dict, data: Path, out: Path) -> dict:
+    """RES on all held-out records (``fclm-eval run``) and on images with ≥ 2 objects (its predictions, rescored)."""
+    run_dir = out / f"run_{name}_res"
+    full = eval_run(model_dir, "res", val["res"], data, run_dir)
     multi_ids = {r["id"] for r in val["res"] if val["objects_per_image"].get(r["image"], 0) >= 2}
     multi = [r for r in val["res"] if r["id"] in multi_ids]
-    preds = [p for p in read_jsonl(preds_path) if p["id"] in multi_ids]
+    preds = [p for p in read_jsonl(run_dir / "predictions.jsonl") if p["id"] in multi_ids]
     write_jsonl(out / f"pred_{name}_res_multi.jsonl", preds)
     multi_score = score("res", multi, out / f"pred_{name}_res_multi.jsonl", data, out / f"score_{name}_res_multi")
-    return {"giou": full["giou"], "ciou": full["ciou"], "giou_multi": multi_score["giou"], "n": len(val["res"]), "n_multi": len(multi)}
+    return {"giou": full["giou"], "ciou": full["ciou"], "giou_multi": multi_score["giou"], "n": len(val["res"]),
+            "n_multi": len(multi), "command": full["command"], "predictions": run_dir / "predictions.jsonl"}
 
 
 def all_objects_baseline(val: dict, data: Path, out: Path) -> float:
@@ -147,14 +172,12 @@ def all_objects_baseline(val: dict, data: Path, out: Path) -> float:
     return score("res", multi, out / "pred_all_objects_multi.jsonl", data, out / "score_all_objects_multi")["giou"]
 
 
-def caption_scores(model, name: str, val: dict, train_captions: list[str], data: Path, out: Path) -> dict:
-    preds = predict(model, val["region_caption"], data, out / f"pred_{name}_caption.jsonl")
+def caption_scores(model_dir: Path, name: str, val: dict, train_captions: list[str], data: Path, out: Path) -> dict:
+    preds = infer(model_dir, val["region_caption"], data, out / f"pred_{name}_caption.jsonl")
     by_id = {p["id"]: p["text"] for p in preds}
     gts = {r["id"]: r["messages"][-1]["content"] for r in val["region_caption"]}
     constant = Counter(train_captions).most_common(1)[0][0]
-    roc_preds = out / f"pred_{name}_roc.jsonl"
-    predict(model, val["roc"], data, roc_preds)
-    roc = score("roc", val["roc"], roc_preds, data, out / f"score_{name}_roc")
+    roc = eval_run(model_dir, "roc", val["roc"], data, out / f"run_{name}_roc")
     return {
         "caption_token_f1": float(np.mean([token_f1(by_id.get(i, ""), g) for i, g in gts.items()])),
         "caption_token_f1_constant": float(np.mean([token_f1(constant, g) for g in gts.values()])),
@@ -164,23 +187,25 @@ def caption_scores(model, name: str, val: dict, train_captions: list[str], data:
     }
 
 
-def overlays(model, records: list[dict], data: Path, out: Path) -> list[str]:
-    """Image | ground truth | prediction, with the prompt and the answer written below."""
+def overlays(records: list[dict], predictions: Path, data: Path, out: Path) -> list[str]:
+    """Image | ground truth | prediction (from the evaluation's own predictions), prompt and answer below."""
     from PIL import Image, ImageDraw
 
-    from fclm.predict import masks_from_prediction, predict_records
-
     out.mkdir(parents=True, exist_ok=True)
+    by_id = {p["id"]: p for p in read_jsonl(predictions)}
     paths = []
-    for rec, pred in zip(records, predict_records(model, records, data)):
+    for rec in records:
+        pred = by_id.get(rec["id"], {"text": "", "segs": []})
         img = Image.open(data / rec["image"]).convert("RGB")
         w, h = img.size
         gt = np.zeros((h, w), bool)
         for t in rec["targets"]:
             for m in t["masks"]:
                 gt |= decode_rle(m)
-        pm = masks_from_prediction(pred, h, w)
-        pm = np.any(pm, axis=0) if pm else np.zeros((h, w), bool)
+        pm = np.zeros((h, w), bool)
+        for seg in pred["segs"]:
+            for inst in seg["instances"]:
+                pm |= decode_rle(inst["mask"])
         panels = [np.asarray(img)]
         for m, colour in ((gt, (0, 200, 0)), (pm, (230, 0, 0))):
             a = np.asarray(img).copy()
@@ -197,6 +222,18 @@ def overlays(model, records: list[dict], data: Path, out: Path) -> list[str]:
         canvas.save(path)
         paths.append(str(path))
     return paths
+
+
+def chat_example(model_dir: Path, record: dict, data: Path, out: Path) -> dict:
+    """``fclm-chat`` one-shot on a held-out image: the overlay and JSON a user would get."""
+    from infer.chat import main as chat_main
+
+    argv = ["--model", str(model_dir), "--image", str(data / record["image"]), "--prompt", record["messages"][0]["content"],
+            "--out", str(out / "chat_example.png"), "--json", str(out / "chat_example.json")]
+    rc = chat_main(argv)
+    if rc != 0:
+        raise SystemExit(f"fclm-chat {' '.join(argv)} failed (exit {rc})")
+    return {"command": "fclm-chat " + " ".join(argv), "png": str(out / "chat_example.png"), "json": str(out / "chat_example.json")}
 
 
 def load_val(data: Path, limits: dict) -> dict:
@@ -245,35 +282,32 @@ def main(argv: list[str] | None = None) -> dict:
     # The untrained baseline: the same initialisation stage 1 starts from (seed 0).
     cfg = preset("tiny")
     cfg.backbone.tokenizer = str(tok_dir)
-    torch.manual_seed(0)
-    untrained = build_fclm(cfg).eval()
-    res0 = res_scores(untrained, "untrained", val, data, evals)
-    del untrained
+    untrained_dir = out / "untrained"
+    if not (untrained_dir / "fclm_config.json").is_file():
+        torch.manual_seed(0)
+        build_fclm(cfg).save_pretrained(untrained_dir)
+    res0 = res_scores(untrained_dir, "untrained", val, data, evals)
 
     t1 = time.perf_counter()
     run_stage("demo_stage1.yaml", [f"output_dir={out / 'stage1'}", *common] + ([f"max_steps={s1}"] if s1 else []))
     t2 = time.perf_counter()
-    stage1 = FCLM.from_pretrained(out / "stage1" / "export").eval()
-    dlres1_path = evals / "pred_stage1_dlres.jsonl"
-    predict(stage1, val["dlres"], data, dlres1_path)
-    dlres1 = score("dlres", val["dlres"], dlres1_path, data, evals / "score_stage1_dlres")
-    region1 = region_figures(stage1, val["dlres"], data)
-    res1 = res_scores(stage1, "stage1", val, data, evals)
-    del stage1
+    stage1_dir = out / "stage1" / "export"
+    dlres1 = eval_run(stage1_dir, "dlres", val["dlres"], data, evals / "run_stage1_dlres")
+    region1 = region_figures(FCLM.from_pretrained(stage1_dir).eval(), val["dlres"], data)
+    res1 = res_scores(stage1_dir, "stage1", val, data, evals)
 
     t3 = time.perf_counter()
     run_stage("demo_stage2.yaml", [f"output_dir={out / 'stage2'}", f"init_from={out / 'stage1' / 'export'}",
                                    *[c for c in common if not c.startswith("model.")]] + ([f"max_steps={s2}"] if s2 else []))
     t4 = time.perf_counter()
-    final = FCLM.from_pretrained(out / "stage2" / "export").eval()
-    res = res_scores(final, "final", val, data, evals)
-    dlres2_path = evals / "pred_stage2_dlres.jsonl"
-    predict(final, val["dlres"], data, dlres2_path)
-    dlres2 = score("dlres", val["dlres"], dlres2_path, data, evals / "score_stage2_dlres")
-    region2 = region_figures(final, val["dlres"], data)
-    captions = caption_scores(final, "final", val, train_captions, data, evals)
-    shown = val["res"][:3] + [r for r in val["dlres"][:2]]
-    overlay_paths = overlays(final, shown, data, out / "overlays")
+    final_dir = out / "stage2" / "export"
+    res = res_scores(final_dir, "final", val, data, evals)
+    dlres2 = eval_run(final_dir, "dlres", val["dlres"], data, evals / "run_stage2_dlres")
+    region2 = region_figures(FCLM.from_pretrained(final_dir).eval(), val["dlres"], data)
+    captions = caption_scores(final_dir, "final", val, train_captions, data, evals)
+    overlay_paths = overlays(val["res"][:3], res["predictions"], data, out / "overlays")
+    overlay_paths += overlays(val["dlres"][:2], evals / "run_stage2_dlres" / "predictions.jsonl", data, out / "overlays")
+    chat = chat_example(final_dir, val["res"][0], data, out)
 
     summary = {
         "res_giou": res["giou"], "res_ciou": res["ciou"], "res_giou_untrained": res0["giou"],
@@ -289,6 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
         "n_eval": {"res": res["n"], "res_multi": res["n_multi"], **{t: len(val[t]) for t in ("region_caption", "roc", "dlres")}},
         "constant_caption": captions["constant_caption"],
         "overlays": overlay_paths,
+        "res_command": res["command"],
+        "chat_example": chat,
         "quick": args.quick,
     }
     write_json(out / "summary.json", summary)
@@ -316,6 +352,8 @@ def print_table(summary: dict) -> None:
         b = f"{summary[base]:8.3f}" if base else " " * 8
         print(f"| {key:<28} | {summary[key]:8.3f} | {base or '':<28} | {b} | {goal}")
     print(f"\nres_ciou {summary['res_ciou']:.3f}; overlays in {Path(summary['overlays'][0]).parent if summary['overlays'] else '-'}")
+    print(f"res_giou is reproduced by: {summary['res_command']}")
+    print(f"one question, answered like a user would ask it: {summary['chat_example']['command']}")
 
 
 if __name__ == "__main__":

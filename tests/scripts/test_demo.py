@@ -44,4 +44,14 @@ def test_quick_demo_writes_summary_overlays_and_exports(tmp_path):
     assert on_disk["overlays"] and all(Path(p).is_file() for p in on_disk["overlays"])
     for stage in ("stage1", "stage2"):
         assert (tmp_path / "demo" / stage / "export" / "fclm_config.json").is_file()
-    assert (tmp_path / "demo" / "eval" / "score_final_res" / "summary.json").is_file()
+    assert (tmp_path / "demo" / "eval" / "run_final_res" / "summary.json").is_file()
+    # the one-shot chat example a user would get
+    chat = json.loads((tmp_path / "demo" / "chat_example.json").read_text())
+    assert Path(on_disk["chat_example"]["png"]).is_file() and "text" in chat and "segs" in chat
+    # the printed command reproduces the reported RES figure
+    from eval.__main__ import main as eval_main
+
+    argv = on_disk["res_command"].split()[1:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "rerun")
+    assert eval_main(argv) == 0
+    assert json.loads((tmp_path / "rerun" / "summary.json").read_text())["giou"] == on_disk["res_giou"]
