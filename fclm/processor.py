@@ -63,7 +63,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -76,6 +75,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
 from fclm.config import FCLMConfig, from_dict, to_dict
+from fclm.data.schema import REGION_PLACEHOLDER, placeholder_region_indices
 from fclm.io import RecordError, write_json
 from fclm.masks import decode_mask, encode_mask, mask_to_box
 from fclm.tokenizer import (
@@ -86,8 +86,6 @@ from fclm.tokenizer import (
     token_ids,
 )
 
-REGION_PLACEHOLDER = re.compile(r"<region(\d*)>")
-"""``<region>`` (next in-prompt region) or ``<regionN>`` (the N-th in-prompt region, 1-based)."""
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 PROCESSOR_CONFIG_NAME = "fclm_processor_config.json"
@@ -461,70 +459,15 @@ class FCLMProcessor:
         for i, r in enumerate(regions):
             if not isinstance(r, dict) or "mask" not in r:
                 raise fail(f"regions[{i}] must be an object with a 'mask'")
-        in_prompt_idx = [i for i, r in enumerate(regions) if r.get("in_prompt") is not False]
-        placeholders: list[str] = []
-        for m in turns:
-            if m["role"] == "user":
-                placeholders += REGION_PLACEHOLDER.findall(m["content"])
-        numbered = [p for p in placeholders if p != ""]
-        if numbered and len(numbered) != len(placeholders):
-            raise fail("mixes <region> and <regionN> placeholders; use one form per record")
-        if numbered:
-            order = []
-            for p in numbered:
-                n = int(p)
-                if not 1 <= n <= len(in_prompt_idx):
-                    raise fail(f"<region{n}> is out of range: the record has {len(in_prompt_idx)} in-prompt region(s)")
-                order.append(in_prompt_idx[n - 1])
-            unused = sorted({k + 1 for k in range(len(in_prompt_idx))} - {int(p) for p in numbered})
-            if unused:
-                raise fail(f"in-prompt region(s) {unused} are never referenced by a <regionN> placeholder")
-        else:
-            if len(placeholders) != len(in_prompt_idx):
-                raise fail(
-                    f"{len(placeholders)} <region> placeholder(s) in the user text but {len(in_prompt_idx)} "
-                    "in-prompt region(s)"
-                )
-            order = list(in_prompt_idx)
+        try:  # one parser of placeholders for the schema check, the processor and inference
+            order = placeholder_region_indices({"messages": turns, "regions": regions})
+        except ValueError as e:
+            raise fail(str(e)) from None
         region_order = order + [i for i, r in enumerate(regions) if r.get("in_prompt") is False]
         region_flags = [True] * len(order) + [False] * (len(region_order) - len(order))
 
         # ---- tokens
-        input_ids: list[int] = []
-        labels: list[int] = []
-
-        def put(tokens: Sequence[int], labelled: bool = False) -> None:
-            input_ids.extend(tokens)
-            labels.extend(tokens if labelled else [IGNORE_INDEX] * len(tokens))
-
-        newline = self._text("\n")
-        put([ids["im_start"]] + self._text("system\n") + self._text(system) + [ids["im_end"]] + newline)
-        n_seg = 0
-        image_placed = False
-        for m in turns:
-            role, content = m["role"], m["content"]
-            put([ids["im_start"]] + self._text(f"{role}\n"))
-            if role == "user":
-                if not image_placed:
-                    put([ids["vision_start"]] + [ids["image_pad"]] * n_image_tokens + [ids["vision_end"]])
-                    image_placed = True
-                pos = 0
-                for match in REGION_PLACEHOLDER.finditer(content):
-                    put(self._text(content[pos : match.start()]))
-                    put([ids["mask"], ids["pos"]])
-                    pos = match.end()
-                put(self._text(content[pos:]) + [ids["im_end"]] + newline)
-            else:
-                pieces = content.split(SEG_TOKEN)
-                for k, piece in enumerate(pieces):
-                    put(self._text(piece), labelled=not add_generation_prompt)
-                    if k < len(pieces) - 1:
-                        put([ids["seg"]], labelled=not add_generation_prompt)
-                        n_seg += 1
-                put([ids["im_end"]], labelled=not add_generation_prompt)
-                put(newline)
-        if add_generation_prompt:
-            put([ids["im_start"]] + self._text("assistant\n"))
+        input_ids, labels, n_seg = self._conversation_ids(system, turns, n_image_tokens, add_generation_prompt)
         input_ids_t = torch.tensor(input_ids, dtype=torch.long)
         mm_token_type_ids = (input_ids_t == ids["image_pad"]).long()
 
@@ -601,6 +544,47 @@ class FCLMProcessor:
             "heads": head,
             "ids": rid,
         }
+
+    def _conversation_ids(self, system: str, turns: Sequence[dict], n_image_tokens: int,
+                          add_generation_prompt: bool) -> tuple[list[int], list[int], int]:
+        """Token ids and labels of the chat (module docstring), and the number of ``[SEG]`` tokens in it."""
+        ids = self.token_ids
+        input_ids: list[int] = []
+        labels: list[int] = []
+
+        def put(tokens: Sequence[int], labelled: bool = False) -> None:
+            input_ids.extend(tokens)
+            labels.extend(tokens if labelled else [IGNORE_INDEX] * len(tokens))
+
+        newline = self._text("\n")
+        put([ids["im_start"]] + self._text("system\n") + self._text(system) + [ids["im_end"]] + newline)
+        n_seg = 0
+        image_placed = False
+        for m in turns:
+            role, content = m["role"], m["content"]
+            put([ids["im_start"]] + self._text(f"{role}\n"))
+            if role == "user":
+                if not image_placed:
+                    put([ids["vision_start"]] + [ids["image_pad"]] * n_image_tokens + [ids["vision_end"]])
+                    image_placed = True
+                pos = 0
+                for match in REGION_PLACEHOLDER.finditer(content):
+                    put(self._text(content[pos : match.start()]))
+                    put([ids["mask"], ids["pos"]])
+                    pos = match.end()
+                put(self._text(content[pos:]) + [ids["im_end"]] + newline)
+            else:
+                pieces = content.split(SEG_TOKEN)
+                for k, piece in enumerate(pieces):
+                    put(self._text(piece), labelled=not add_generation_prompt)
+                    if k < len(pieces) - 1:
+                        put([ids["seg"]], labelled=not add_generation_prompt)
+                        n_seg += 1
+                put([ids["im_end"]], labelled=not add_generation_prompt)
+                put(newline)
+        if add_generation_prompt:
+            put([ids["im_start"]] + self._text("assistant\n"))
+        return input_ids, labels, n_seg
 
     def _encode_region(self, region: dict, i: int, image: Image.Image, pixel_hash: str,
                        resized_hw: tuple[int, int], fail: Any) -> tuple:

@@ -137,22 +137,23 @@ def overlay(image: Image.Image, answer: Answer, *, regions: bool = True) -> Imag
     s = _scale(h, w)
     big_w, big_h = w * s, h * s
     line_width = max(3, big_w // 200)
-    canvas = np.asarray(rgb.resize((big_w, big_h), Image.NEAREST), dtype=np.float32)
+    canvas = np.array(rgb.resize((big_w, big_h), Image.NEAREST))
 
     # fills first, then every edge, so that a later segment's fill never hides an earlier one's edge
     unions = [_upscale(seg.union(h, w), s) for seg in answer.segments]
     for k, union in enumerate(unions):
-        canvas[union] = (1 - FILL_ALPHA) * canvas[union] + FILL_ALPHA * np.asarray(segment_color(k), np.float32)
+        blended = (1 - FILL_ALPHA) * canvas[union] + FILL_ALPHA * np.asarray(segment_color(k), np.float32)
+        canvas[union] = np.round(blended).astype(np.uint8)
     for k, union in enumerate(unions):
         canvas[_edges(union, line_width)] = segment_color(k)
     if regions:
-        yy, xx = np.indices((big_h, big_w))
-        dash = ((yy + xx) // max(4, 3 * line_width)) % 2 == 0
+        dash_length = max(4, 3 * line_width)
         for region in answer.regions:
-            edge = _edges(_upscale(region.mask, s), line_width)
-            canvas[edge & dash] = _REGION_DASH[0]
-            canvas[edge & ~dash] = _REGION_DASH[1]
-    picture = Image.fromarray(np.round(canvas).astype(np.uint8))
+            ys, xs = np.nonzero(_edges(_upscale(region.mask, s), line_width))
+            white = ((ys + xs) // dash_length) % 2 == 0  # dashes run diagonally, so every side of a shape is dashed
+            canvas[ys[white], xs[white]] = _REGION_DASH[0]
+            canvas[ys[~white], xs[~white]] = _REGION_DASH[1]
+    picture = Image.fromarray(canvas)
 
     font_size = max(14, big_w // 64)
     font = _font(font_size)
@@ -165,7 +166,7 @@ def overlay(image: Image.Image, answer: Answer, *, regions: bool = True) -> Imag
             draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=colour, width=line_width)
             tag = str(k + 1)
             tx, ty = min(x1, big_w - 1), min(y1, big_h - 1)
-            left, top, right, bottom = draw.textbbox((tx + 3, ty + 1), tag, font=font)
+            _, _, right, bottom = draw.textbbox((tx + 3, ty + 1), tag, font=font)
             draw.rectangle([tx, ty, right + 3, bottom + 2], fill=colour)
             draw.text((tx + 3, ty + 1), tag, fill=ink, font=font)
 
@@ -185,8 +186,8 @@ def overlay(image: Image.Image, answer: Answer, *, regions: bool = True) -> Imag
         rows.append((str(k + 1), segment_color(k), _wrap(f"{label} ({seg.head}): {what}", font, text_w)))
     if regions:
         for i, region in enumerate(answer.regions):
-            how = {"given": "mask as given", "sam": "mask by SAM", "fallback": "SAM empty: prompt's own shape"}.get(region.source, region.source)
-            rows.append(("", None, _wrap(f"input region {i + 1}: {region.kind}, {how}", font, text_w)))
+            how = {"given": "as given", "sam": "mask by SAM", "fallback": "SAM gave nothing: the prompt's own shape"}.get(region.source, region.source)
+            rows.append(("", None, _wrap(f"input region {i + 1} ({region.kind}): {how}", font, text_w)))
     text = answer.text if answer.text else "(empty answer)"
     if answer.finish_reason == "length":
         text += " [cut at the token budget]"
@@ -203,7 +204,8 @@ def overlay(image: Image.Image, answer: Answer, *, regions: bool = True) -> Imag
         if colour is not None:
             draw.rectangle(box, fill=colour, outline=(0, 0, 0))
             ink = (0, 0, 0) if sum(colour) > 380 else (255, 255, 255)
-            draw.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), tag, fill=ink, font=font, anchor="mm")
+            left, top, right, bottom = draw.textbbox((0, 0), tag, font=font)  # centred by hand: bitmap fonts take no anchor
+            draw.text(((box[0] + box[2] - left - right) / 2, (box[1] + box[3] - top - bottom) / 2), tag, fill=ink, font=font)
         else:  # an input region: a dashed outline, as on the image
             _dashed_rectangle(draw, box)
         for line in lines:

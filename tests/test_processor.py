@@ -266,13 +266,13 @@ def test_count_mismatches_name_both_counts(proc):
     m = rect(50, 50, 5, 5, 20, 20)
     with pytest.raises(ValueError, match=r"record 'seg'.*2 \[SEG\] token\(s\).*but 1 target"):
         proc.encode_record(rec("x", "[SEG] and [SEG]", targets=[target(m)], rid="seg"), img)
-    with pytest.raises(ValueError, match=r"record 'reg'.*1 <region> placeholder\(s\).*but 2 in-prompt region"):
+    with pytest.raises(ValueError, match=r"record 'reg'.*1 <region> placeholder\(s\) but 2 prompt region"):
         proc.encode_record(rec("<region>", "ok", [region(m), region(m)], rid="reg"), img)
-    with pytest.raises(ValueError, match=r"record 'num'.*<region3> is out of range.*2 in-prompt region"):
+    with pytest.raises(ValueError, match=r"record 'num'.*placeholder\(s\) <region3> but 2 prompt region"):
         proc.encode_record(rec("<region1> <region3>", "ok", [region(m), region(m)], rid="num"), img)
-    with pytest.raises(ValueError, match=r"region\(s\) \[2\] are never referenced"):
+    with pytest.raises(ValueError, match=r"prompt region\(s\) \[2\] named by no <regionN> placeholder"):
         proc.encode_record(rec("<region1>", "ok", [region(m), region(m)]), img)
-    with pytest.raises(ValueError, match="mixes <region> and <regionN>"):
+    with pytest.raises(ValueError, match="mix <region> and <regionN>"):
         proc.encode_record(rec("<region1> <region>", "ok", [region(m), region(m)]), img)
     with pytest.raises(ValueError, match=r"target_index 3 is not a target index"):
         proc.encode_record(rec("<region>", "[SEG]", [region(m, target_index=3)], [target(m)]), img)

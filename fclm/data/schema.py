@@ -58,7 +58,8 @@ REQUIRED_KEYS: tuple[str, ...] = ("id", "image", "task", "messages", "regions", 
 BOX_TOLERANCE = 1.0
 """Pixels a box may reach past the image border (COCO boxes of polygons touch ``W`` and ``H``)."""
 
-_PLACEHOLDER_RE = re.compile(r"<region(\d*)>")
+REGION_PLACEHOLDER = re.compile(r"<region([0-9]*)>")
+"""``<region>`` (next prompt region) or ``<regionN>`` (the N-th prompt region, 1-based; ASCII digits only)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,7 +157,7 @@ def placeholder_region_indices(record: dict) -> list[int]:
     found: list[str] = []
     for m in record.get("messages", []):
         if isinstance(m, dict) and m.get("role") == "user":
-            found += _PLACEHOLDER_RE.findall(str(m.get("content", "")))
+            found += REGION_PLACEHOLDER.findall(str(m.get("content", "")))
     if not found:
         if prompt:
             raise ValueError(f"{len(prompt)} prompt region(s) but no <region> placeholder in the user turns")
@@ -263,7 +264,7 @@ def check_record(
     if messages and not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
         problems.append("no assistant turn")
     for i, m in enumerate(messages):
-        if isinstance(m, dict) and m.get("role") == "assistant" and _PLACEHOLDER_RE.search(str(m.get("content", ""))):
+        if isinstance(m, dict) and m.get("role") == "assistant" and REGION_PLACEHOLDER.search(str(m.get("content", ""))):
             problems.append(f"messages[{i}] (assistant) contains a <region> placeholder")
 
     regions, targets = record["regions"], record["targets"]

@@ -2,7 +2,12 @@
 
 ``FCLM(backbone, sam, region_extractor, seg_projector, pos_projector, heads, …)`` takes ready-made
 parts (``build_fclm`` wires them from an :class:`~fclm.config.FCLMConfig`); ``forward`` returns
-predictions only — losses live in :mod:`fclm.losses`. Batch keys and output keys are listed in the
+predictions only — losses live in :mod:`fclm.losses`.
+
+Steps, each usable alone (inference reuses the first for many prompts, :mod:`fclm.inference`):
+:meth:`FCLM.encode_images` (vision tower + SAM image encoder → :class:`ImageFeatures`),
+:meth:`FCLM.embed_prompt` (token embeddings with image features and ``<mask>``/``<pos>`` scattered in),
+the LLM, and :meth:`FCLM.ground` (``h[SEG]`` → seg projector → the routed heads). Batch keys and output keys are listed in the
 module docstrings of :mod:`fclm.processor` and here:
 
 Outputs of :meth:`FCLM.forward` (B samples, L tokens, N ``[SEG]`` tokens, R regions):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from fclm.training.building import build_model, weights_fingerprint
 from fclm.training.checkpoint import CheckpointError, latest_checkpoint, load_trainable_weights, read_trainer_state
 from fclm.training.config import train_config_from_dict
 from fclm.training.trainability import apply_trainability, merge_adapters
@@ -38,8 +39,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_model_from_checkpoint(path: str | Path) -> torch.nn.Module:
     """The trained model of a checkpoint, with LoRA still separate (``merge_adapters`` folds it in)."""
     from accelerate.utils import set_seed
-
-    from fclm.training.loop import build_model, weights_fingerprint
 
     ckpt = resolve_checkpoint(path)
     state = read_trainer_state(ckpt)

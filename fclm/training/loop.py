@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ import torch
 import torch.nn as nn
 import yaml
 
+from fclm.training.building import build_model, weights_fingerprint
 from fclm.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fclm.training.config import TrainConfig, resolve_deepspeed, train_config_to_dict
 from fclm.training.sam_cache import SamEmbeddingCache, encoder_fingerprint, open_cache_for
@@ -140,15 +140,6 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, ds_config: dict | None) 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
 
-def build_model(cfg: TrainConfig) -> nn.Module:
-    """Stage 1: ``build_fclm(cfg.model)``; with ``init_from``: ``FCLM.from_pretrained`` of the export."""
-    from fclm.model import FCLM, build_fclm
-
-    if cfg.init_from is not None:
-        return FCLM.from_pretrained(cfg.init_from)
-    return build_fclm(cfg.model)
-
-
 def build_data(cfg: TrainConfig, processor: Any, *, rank: int, world_size: int) -> tuple[Any, Any]:
     """Mixture of the JSONL files → (batch sampler, DataLoader) for this rank."""
     from fclm.data import JsonlDataset, LengthGroupedBatchSampler, MixtureDataset, RandomBatchSampler, estimate_tokens
@@ -172,18 +163,6 @@ def build_data(cfg: TrainConfig, processor: Any, *, rank: int, world_size: int) 
         generator=torch.Generator().manual_seed(cfg.seed),
     )
     return sampler, loader
-
-
-def weights_fingerprint(model: nn.Module, only_frozen: bool = True) -> str:
-    """sha256 of the (frozen) parameters: a resumed run must rebuild exactly the weights it did not save."""
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if only_frozen and p.requires_grad:
-            continue
-        t = p.detach().to("cpu").contiguous()
-        h.update(name.encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
 
 
 @contextlib.contextmanager

@@ -59,7 +59,8 @@ def run_case(case: dict) -> dict:
     import torch
 
     from fclm.losses import FCLMCriterion
-    from fclm.training.loop import build_data, build_model, build_optimizer, move_to_device
+    from fclm.training.building import build_model
+    from fclm.training.loop import build_data, build_optimizer, move_to_device
     from fclm.training.sam_cache import open_cache_for
     from fclm.training.trainability import apply_trainability
 

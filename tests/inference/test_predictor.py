@@ -7,13 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from fclm.config import preset
 from fclm.inference import FCLMPredictor, SamplingConfig
 from fclm.inference.decoding import decode, run
 from fclm.inference.predictor import _phrase
 from fclm.inference.regions import sample_polyline
 from fclm.masks import decode_rle, encode_mask
-from fclm.model import build_fclm
 
 
 def _answers_equal(a, b) -> None:
@@ -184,8 +182,8 @@ def test_polyline_sampling_is_even_along_the_length():
         ("<region1> or <region2>?", [{"points": [[1, 1]]}, {"points": [[2, 1]], "labels": [0]}], "region 2: at least one point must be positive"),
         ("What is <region>?", [{"scribble": [[1, 1], ["a", 2]]}], "region 1 scribble point 2 x must be a finite number"),
         ("What is <region>?", [{"box": [1, 1, 5, 5], "points": [[1, 1]]}], "region 1: give exactly one of"),
-        ("What is <region>?", [], "1 <region> placeholder.* but 0 in-prompt region"),
-        ("What is it?", [{"box": [1, 1, 5, 5]}], "0 <region> placeholder.* but 1 in-prompt region"),
+        ("What is <region>?", [], "1 <region> placeholder.* but 0 prompt region"),
+        ("What is it?", [{"box": [1, 1, 5, 5]}], "1 prompt region.* but no <region> placeholder"),
     ],
 )
 def test_bad_regions_raise_a_value_error_naming_the_region(tiny_model, image, question, regions, message):

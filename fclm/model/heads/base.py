@@ -2,7 +2,14 @@
 
 Every head is an ``nn.Module`` whose ``forward(inputs: HeadInputs) -> dict[str, Tensor]`` returns
 prefixed predictions (``pred_masks``, ``pred_boxes``, ``pred_scores``, ``pred_exists`` …), one row per
-``[SEG]`` routed to it. Heads are built by name from :data:`HEAD_REGISTRY`; a head module registers
+``[SEG]`` routed to it. What inference (:mod:`fclm.inference.predictor`) reads:
+
+* ``pred_masks``: (n,Hl,Wl) low-res mask logits, one mask per query; or (n,Q,Hl,Wl), Q candidate
+  instances per query, kept when their ``pred_scores`` reach the score threshold;
+* ``pred_scores``: (n,) or (n,Q) confidences in [0, 1];
+* ``pred_exists``: (n,) logits of "the expression refers to something" (heads with a no-target branch).
+
+Heads are built by name from :data:`HEAD_REGISTRY`; a head module registers
 its builder with :func:`register_head` and never imports another head.
 """
 
