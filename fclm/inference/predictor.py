@@ -360,9 +360,15 @@ class FCLMPredictor:
 
     @torch.no_grad()
     def region_masks(self, regions: Sequence[Any]) -> list[ResolvedRegion]:
-        """Region prompts (masks, boxes, clicks, scribbles; see :mod:`fclm.inference.regions`) → masks."""
+        """Region prompts (masks, boxes, clicks, scribbles; see :mod:`fclm.inference.regions`) → masks.
+
+        A :class:`ResolvedRegion` (e.g. from an earlier answer) is kept as it is.
+        """
         h, w = self.image_size
-        prompts = [parse_region(r, i, h, w) for i, r in enumerate(regions)]
+        prompts = [r if isinstance(r, ResolvedRegion) else parse_region(r, i, h, w) for i, r in enumerate(regions)]
+        for i, r in enumerate(prompts):
+            if isinstance(r, ResolvedRegion) and r.mask.shape != (h, w):
+                raise ValueError(f"region {i + 1}: mask of shape {r.mask.shape} does not match the {w}×{h} image")
         sam = self.model.sam
         valid_hw = self._inputs["sam_valid_hw"]
         scale = np.array([int(valid_hw[1]) / w, int(valid_hw[0]) / h])
@@ -372,6 +378,7 @@ class FCLMPredictor:
             return sam.decode_prompts(self._features.image_embeddings[:1], **kw)
 
         return [
+            p if isinstance(p, ResolvedRegion) else
             resolve_region(p, height=h, width=w, sam_decode=sam_decode, to_frame=lambda xy: xy * scale,
                            to_image=lambda low: sam.postprocess_masks(low, valid_hw, (h, w)))
             for p in prompts
@@ -425,7 +432,8 @@ class FCLMPredictor:
 
         Arguments:
             text: the question; ``<region>`` (or ``<region1>``, ``<region2>`` …) marks where each region goes.
-            regions: one region prompt per placeholder (mask array, ``{"mask"|"box"|"points"|"scribble": …}``).
+            regions: one region prompt per placeholder (mask array, ``{"mask"|"box"|"points"|"scribble": …}``,
+                or a :class:`ResolvedRegion` from :meth:`region_masks` / an earlier answer).
             head: grounding head for the answer's ``[SEG]`` tokens (default: the model's default head).
             history: earlier turns, ``{"role", "content"}`` dicts; a user turn may carry ``"regions"`` (masks
                 or :class:`ResolvedRegion`) for its placeholders (:class:`Chat` keeps this for you).
