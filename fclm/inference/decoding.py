@@ -18,6 +18,7 @@ Sampling: greedy by default; ``do_sample`` with ``temperature`` / ``top_k`` / ``
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-__all__ = ["SamplingConfig", "Generation", "decode"]
+__all__ = ["SamplingConfig", "Generation", "PrefixCache", "decode", "encode_prefix", "run"]
 
 
 @dataclass
@@ -98,10 +99,51 @@ class Generation:
     prompt_hidden: torch.Tensor
 
 
+@dataclass
+class PrefixCache:
+    """The language model's KV cache and last-layer states for the first ``length`` prompt tokens of one image.
+
+    Every question about an image starts with the same tokens (system turn, user header, the image);
+    :class:`~fclm.inference.FCLMPredictor` computes them once per image (:func:`encode_prefix`) and
+    :func:`decode` continues from a copy. Batch size 1.
+    """
+
+    length: int
+    token_ids: tuple[int, ...]
+    cache: Any
+    hidden: torch.Tensor
+    """1×length×D last-layer states of the prefix (the expression states of the heads include them)."""
+
+
 def _cache_kwarg(language_model: torch.nn.Module) -> str:
-    """The name the language model's ``forward`` gives its KV cache (``cache`` in newer transformers)."""
-    params = inspect.signature(language_model.forward).parameters
+    """The name the language model's ``forward`` gives its KV cache (``cache`` in newer transformers).
+
+    Read from the class, so a wrapper or hook on the instance's ``forward`` does not hide it.
+    """
+    params = inspect.signature(type(language_model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def _rope_positions(qwen: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw: torch.Tensor,
+                    mm_token_type_ids: torch.Tensor) -> torch.Tensor:
+    position_ids, _ = qwen.model.get_rope_index(
+        input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+    )
+    return position_ids
+
+
+@torch.no_grad()
+def encode_prefix(qwen: Any, *, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                  image_grid_thw: torch.Tensor, mm_token_type_ids: torch.Tensor, length: int) -> PrefixCache:
+    """Run the language model over the first ``length`` tokens of one (unpadded) prompt and keep its cache."""
+    if input_ids.shape[0] != 1 or not bool(attention_mask.all()):
+        raise ValueError("encode_prefix takes one unpadded prompt")
+    lm = qwen.model.language_model
+    position_ids = _rope_positions(qwen, input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
+    cache = DynamicCache()
+    out = lm(inputs_embeds=inputs_embeds[:, :length], attention_mask=attention_mask[:, :length],
+             position_ids=position_ids[:, :, :length], use_cache=True, **{_cache_kwarg(lm): cache})
+    return PrefixCache(length=length, token_ids=tuple(input_ids[0, :length].tolist()), cache=cache, hidden=out.last_hidden_state)
 
 
 def decode(
@@ -117,6 +159,7 @@ def decode(
     pad_id: int,
     sampling: SamplingConfig | None = None,
     logits_processor: LogitsProcessorList | None = None,
+    prefix: PrefixCache | None = None,
 ) -> Iterator[list[int | None]]:
     """Generate from left-padded prompts; a generator that yields each step's new token per sample.
 
@@ -131,6 +174,8 @@ def decode(
         seg_id, stop_ids, pad_id: the ``[SEG]`` id, the ids that end an answer, the padding id.
         sampling: :class:`SamplingConfig` (default greedy, 64 tokens).
         logits_processor: extra transformers logits processors, applied after the sampling ones.
+        prefix: the cached first tokens of this (single, unpadded) prompt; the prompt's other tokens
+            are run on a copy of its cache (the cache itself is left as it is, for the next question).
     """
     sampling = sampling or SamplingConfig()
     if bool((attention_mask[:, -1] == 0).any()):
@@ -142,15 +187,22 @@ def decode(
     if sampling.do_sample and sampling.seed is not None:
         generator = torch.Generator(device=inputs_embeds.device).manual_seed(sampling.seed)
     lm = qwen.model.language_model
-    cache = DynamicCache()
-    cache_arg = {_cache_kwarg(lm): cache}
-    position_ids, _ = qwen.model.get_rope_index(
-        input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
-    )
+    position_ids = _rope_positions(qwen, input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
     next_position = position_ids.amax(dim=(0, 2)) + 1  # B
-    out = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-             use_cache=True, **cache_arg)
+    start = 0
+    if prefix is not None:
+        if input_ids.shape[0] != 1 or tuple(input_ids[0, : prefix.length].tolist()) != prefix.token_ids:
+            raise ValueError("decode: the prompt does not start with the cached prefix")
+        start = prefix.length
+        cache = copy.deepcopy(prefix.cache)
+    else:
+        cache = DynamicCache()
+    cache_arg = {_cache_kwarg(lm): cache}
+    out = lm(inputs_embeds=inputs_embeds[:, start:], attention_mask=attention_mask,
+             position_ids=position_ids[:, :, start:], use_cache=True, **cache_arg)
     prompt_hidden = out.last_hidden_state
+    if prefix is not None:
+        prompt_hidden = torch.cat([prefix.hidden.to(prompt_hidden.dtype), prompt_hidden], dim=1)
     last_hidden = prompt_hidden[:, -1]
     b = input_ids.shape[0]
     tokens: list[list[int]] = [[] for _ in range(b)]

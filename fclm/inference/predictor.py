@@ -19,7 +19,8 @@ Everything that runs a trained model uses this module: ``fclm-chat``, ``fclm-inf
 
 One pass: generation keeps each ``[SEG]``'s hidden state from the step that fed it
 (:mod:`fclm.inference.decoding`), and the heads decode those states on the image's cached SAM
-embedding; no second forward. A ``[SEG]``'s mask is its logits > 0 at the original image size; an
+embedding; no second forward. Per image the predictor also keeps the language model's KV cache of
+the prompt's first tokens (system turn, user header, the image), which every question shares. A ``[SEG]``'s mask is its logits > 0 at the original image size; an
 empty mask is an empty ``instances`` list (the metrics treat it as "no target").
 """
 
@@ -29,13 +30,13 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from fclm.inference.decoding import Generation, SamplingConfig, decode, run
+from fclm.inference.decoding import Generation, PrefixCache, SamplingConfig, decode, encode_prefix, run
 from fclm.inference.regions import ResolvedRegion, parse_region, resolve_region
 from fclm.io import ErrorReport, RecordError
 from fclm.masks import encode_mask, mask_to_box
@@ -198,8 +199,12 @@ def _answer_steps(
     logits_processor: Any = None,
     regions: Sequence[Sequence[ResolvedRegion]] | None = None,
     score_threshold: float = 0.5,
+    prefix: Callable[[dict, dict], PrefixCache | None] | None = None,
 ) -> Iterator[list[int | None]]:
-    """Generator behind :func:`answer_batch`: yields each step's tokens, returns the B :class:`Answer` objects."""
+    """Generator behind :func:`answer_batch`: yields each step's tokens, returns the B :class:`Answer` objects.
+
+    ``prefix(batch, embedded)`` may return the cached KV of the prompt's first tokens (one image, batch 1).
+    """
     tokenizer = model.processor.tokenizer
     ids = model.token_ids
     pre = model.embed_prompt(batch, images)
@@ -215,6 +220,7 @@ def _answer_steps(
         pad_id=ids["pad"],
         sampling=sampling,
         logits_processor=logits_processor,
+        prefix=prefix(batch, pre) if prefix is not None else None,
     )
     b = batch["input_ids"].shape[0]
     seg_counts = [int(h.shape[0]) for h in gen.seg_hidden]
@@ -318,6 +324,7 @@ class FCLMPredictor:
         self._inputs: dict | None = None
         self._features: ImageFeatures | None = None
         self._crop_embeddings: dict[str, torch.Tensor] = {}
+        self._prefix: PrefixCache | None = None
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: str | torch.device | None = None,
@@ -341,6 +348,7 @@ class FCLMPredictor:
         self._features = self.model.encode_images(batch)
         self._image, self._inputs = rgb, inputs
         self._crop_embeddings = {}
+        self._prefix = None
 
     @property
     def image(self) -> Image.Image:
@@ -455,11 +463,29 @@ class FCLMPredictor:
         resolved = self.region_masks(list(regions))
         batch = self._batch(text, resolved, head, history)
         steps = _answer_steps(self.model, batch, self._features, sampling=sampling,
-                              logits_processor=logits_processor, regions=[resolved])
+                              logits_processor=logits_processor, regions=[resolved], prefix=self._prefix_for)
         if not stream:
             with torch.no_grad():
                 return run(steps)[0]
         return self._stream(steps)
+
+    def _prefix_for(self, batch: dict, embedded: dict) -> PrefixCache | None:
+        """The KV cache of the prompt up to the image's end token, computed once per image (and system prompt).
+
+        Every question about the image starts with these tokens; later questions run the language model
+        over the rest of their prompt only.
+        """
+        input_ids = batch["input_ids"]
+        ends = (input_ids[0] == self.model.token_ids["vision_end"]).nonzero()
+        if input_ids.shape[0] != 1 or not len(ends) or int(ends[0]) + 1 >= input_ids.shape[1]:
+            return None
+        length = int(ends[0]) + 1
+        if self._prefix is None or self._prefix.token_ids != tuple(input_ids[0, :length].tolist()):
+            self._prefix = encode_prefix(
+                self.model.qwen, input_ids=input_ids, inputs_embeds=embedded["inputs_embeds"],
+                attention_mask=batch["attention_mask"], image_grid_thw=batch["image_grid_thw"],
+                mm_token_type_ids=batch["mm_token_type_ids"], length=length)
+        return self._prefix
 
     def _stream(self, steps: Iterator[list[int | None]]) -> AnswerStream:
         tokenizer = self.processor.tokenizer

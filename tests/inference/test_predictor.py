@@ -257,3 +257,35 @@ def test_phrase_before_each_seg():
     assert _phrase("<p>a red circle</p> ") == "a red circle"
     assert _phrase("A man <p>holding</p> text <p>a dog</p> ") == "a dog"
     assert _phrase(" It is the left cup. ") == "It is the left cup"
+
+
+def test_later_questions_reuse_the_image_prefix_cache(seg_model, image):
+    """The LM runs over system turn + image once per image; later questions feed only their own tokens,
+    and answer as the uncached path does."""
+    from fclm.inference import answer_batch
+
+    fed = []
+    hook = seg_model.qwen.model.language_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: fed.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+    try:
+        p = FCLMPredictor(seg_model)
+        p.set_image(image)
+        first = p.ask("Please segment the <region>.", regions=[{"box": [10, 5, 30, 20]}])
+        n_first = list(fed)
+        fed.clear()
+        second = p.ask("Now segment the thing in the middle of the picture.")
+        n_second = list(fed)
+    finally:
+        hook.remove()
+    prefix = p._prefix.length
+    assert n_first[0] == prefix  # the first question computes the prefix on its own
+    assert second.prompt_tokens == prefix + n_second[0]  # the later one feeds only its own tokens
+    proc = seg_model.processor
+    uncached = answer_batch(seg_model, proc.collate([proc.encode_record(
+        {"id": "q", "messages": [{"role": "user", "content": "Now segment the thing in the middle of the picture."}]},
+        image, add_generation_prompt=True)], padding_side="left"))[0]
+    assert uncached.text == second.text
+    assert (uncached.segments[0].instances[0].mask != second.segments[0].instances[0].mask).mean() < 1e-3
+    assert first.text == "[SEG]"
+    p.set_image(image)
+    assert p._prefix is None  # a new image starts a new prefix
