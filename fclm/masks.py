@@ -10,10 +10,17 @@ Conventions used across FCLM:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
+
+MAX_MASK_PIXELS = 1 << 28
+"""Largest H×W a mask may declare (268 M pixels). Checked before pycocotools allocates anything: a corrupt
+or hostile size must be an error, not an out-of-memory kill."""
+MAX_POLYGON_PERIMETER = 1e6
+"""Largest perimeter (pixels) of one polygon: pycocotools rasterises an edge as ~5 points per pixel of length."""
 
 
 def encode_mask(mask: np.ndarray) -> dict:
@@ -33,6 +40,8 @@ def _to_coco_rle(rle: dict) -> dict:
     if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
         raise ValueError(f"RLE size must be [H, W] with positive ints, got {size!r}")
     h, w = int(size[0]), int(size[1])
+    if h * w > MAX_MASK_PIXELS:
+        raise ValueError(f"RLE size {h}×{w} is larger than the {MAX_MASK_PIXELS}-pixel limit (fclm.masks.MAX_MASK_PIXELS)")
     counts = rle["counts"]
     if isinstance(counts, list):
         if not all(isinstance(c, int) and c >= 0 for c in counts):
@@ -113,11 +122,26 @@ def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int
     """
     if not polygons:
         raise ValueError("empty polygon list")
+    if not (isinstance(height, (int, np.integer)) and isinstance(width, (int, np.integer))
+            and 0 < height and 0 < width and int(height) * int(width) <= MAX_MASK_PIXELS):
+        raise ValueError(f"polygon masks need a positive image size within {MAX_MASK_PIXELS} pixels, got {height}×{width}")
+    height, width = int(height), int(width)
+    # pycocotools' rasteriser works in 32-bit integers on coordinates ×5: a non-finite or huge coordinate
+    # crashes the process. Points may lie outside the image (annotations drift) but not far outside.
+    bound = 2.0 * max(height, width) + 64.0
     polys = []
     for i, p in enumerate(polygons):
+        if not isinstance(p, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p):
+            raise ValueError(f"polygon {i} must be a flat list of numbers [x0, y0, x1, y1, …]")
         p = [float(v) for v in p]
         if len(p) < 6 or len(p) % 2:
             raise ValueError(f"polygon {i} has {len(p) / 2:g} points; at least 3 (x, y) pairs are needed")
+        if not all(math.isfinite(v) and -bound <= v <= bound for v in p):
+            raise ValueError(f"polygon {i} has a coordinate that is not finite or lies far outside the {width}×{height} image")
+        xy = np.asarray(p).reshape(-1, 2)
+        perimeter = float(np.linalg.norm(np.diff(np.vstack([xy, xy[:1]]), axis=0), axis=1).sum())
+        if perimeter > MAX_POLYGON_PERIMETER:
+            raise ValueError(f"polygon {i} has a perimeter of {perimeter:.3g} px, more than {MAX_POLYGON_PERIMETER:g}")
         polys.append(p)
     rles = mask_utils.frPyObjects(polys, int(height), int(width))
     rle = mask_utils.merge(rles)
@@ -130,10 +154,11 @@ def decode_mask(obj: Any, height: int | None = None, width: int | None = None) -
     ``height``/``width`` are required for polygons; for RLE they are checked against its size.
     """
     if isinstance(obj, dict):
-        m = decode_rle(obj)
-        if height is not None and width is not None and m.shape != (height, width):
-            raise ValueError(f"mask size {list(m.shape)} differs from image size {[height, width]}")
-        return m
+        size = obj.get("size")
+        if height is not None and width is not None and isinstance(size, (list, tuple)) and list(size) != [height, width]:
+            # checked before decoding: a wrong (possibly huge) size is never allocated
+            raise ValueError(f"mask size {list(size)} differs from image size {[height, width]}")
+        return decode_rle(obj)
     if isinstance(obj, (list, tuple)):
         if height is None or width is None:
             raise ValueError("polygon masks need the image height and width")

@@ -89,6 +89,8 @@ class ServeSettings:
     """Requests waiting for the model beyond this get 503."""
     max_messages: int = 64
     """Most messages per request."""
+    max_prompt_tokens: int = 4096
+    """Longest prompt (tokens, image included) the model is run on."""
 
 
 class ApiError(Exception):
@@ -225,19 +227,24 @@ def _load_image_url(url: str, param: str, settings: ServeSettings) -> bytes:
                        param=param, code="path_not_allowed")
     if parsed.netloc not in ("", "localhost"):
         raise ApiError(403, f"{param}: file:// URLs must name a local path", param=param, code="path_not_allowed")
-    raw = unquote(parsed.path)
+    raw = unquote(parsed.path, errors="strict")
     if "\x00" in raw:
         raise ApiError(400, f"{param}: the path contains a NUL byte", param=param)
     root = settings.allowed_root.resolve()
     path = Path(raw)
-    resolved = (path if path.is_absolute() else root / path).resolve()
-    if not resolved.is_relative_to(root):
-        raise ApiError(403, f"{param}: {raw} is outside the allowed root", param=param, code="path_not_allowed")
-    if not resolved.is_file():
-        raise ApiError(400, f"{param}: no such file under the allowed root: {raw}", param=param)
-    if resolved.stat().st_size > settings.max_body_bytes:
-        raise ApiError(413, f"{param}: the file is larger than the request-size limit", param=param)
-    return resolved.read_bytes()
+    try:
+        resolved = (path if path.is_absolute() else root / path).resolve()
+        if not resolved.is_relative_to(root):
+            raise ApiError(403, f"{param}: the path is outside the allowed root", param=param, code="path_not_allowed")
+        if not resolved.is_file():
+            raise ApiError(400, f"{param}: no such file under the allowed root", param=param)
+        if resolved.stat().st_size > settings.max_body_bytes:
+            raise ApiError(413, f"{param}: the file is larger than the request-size limit", param=param)
+        return resolved.read_bytes()
+    except (OSError, RuntimeError, ValueError) as e:  # too long, a symlink loop, an unencodable name …
+        if isinstance(e, ApiError):
+            raise
+        raise ApiError(400, f"{param}: unusable path ({type(e).__name__})", param=param) from None
 
 
 def _png_mask(url: str, param: str) -> np.ndarray:
@@ -257,6 +264,7 @@ def build_job(body: ChatCompletionRequest, settings: ServeSettings, model_heads:
     """Check a request and turn it into a :class:`Job`; every problem is an :class:`ApiError` naming it."""
     from fclm.data.schema import REGION_PLACEHOLDER
     from fclm.inference import SamplingConfig
+    from fclm.inference.decoding import MIN_TEMPERATURE
 
     if len(body.messages) > settings.max_messages:
         raise ApiError(400, f"messages: {len(body.messages)} messages, more than {settings.max_messages}", param="messages")
@@ -289,6 +297,10 @@ def build_job(body: ChatCompletionRequest, settings: ServeSettings, model_heads:
         turns.append({"role": m.role, "content": text})
     if image_bytes is None:
         raise ApiError(400, "messages: no image; put one image_url part in a user message", param="messages")
+    n_chars = sum(len(t["content"]) for t in turns)
+    if n_chars > 16 * settings.max_prompt_tokens:  # a cheap bound before tokenizing (a token is rarely over 16 chars)
+        raise ApiError(400, f"messages: {n_chars} characters of text, more than a {settings.max_prompt_tokens}-token prompt holds",
+                       param="messages", code="prompt_too_long")
     image = _open_image(image_bytes, "the image", settings)
     system = [t for t in turns if t["role"] == "system"]
     if any(t["role"] == "system" for t in turns[1:]):
@@ -316,10 +328,16 @@ def build_job(body: ChatCompletionRequest, settings: ServeSettings, model_heads:
     max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
     if max_tokens > settings.max_tokens:
         raise ApiError(400, f"max_tokens: {max_tokens} is more than this server's limit {settings.max_tokens}", param="max_tokens")
-    sample = bool(body.temperature)
-    sampling = SamplingConfig(max_new_tokens=max_tokens, do_sample=sample,
-                              temperature=body.temperature if sample else 1.0,
-                              top_p=body.top_p if (sample and body.top_p is not None) else 1.0, seed=body.seed)
+    # temperature 0 (or below MIN_TEMPERATURE, which would overflow the scaled logits) is greedy decoding
+    sample = body.temperature is not None and body.temperature >= MIN_TEMPERATURE
+    try:
+        sampling = SamplingConfig(max_new_tokens=max_tokens, do_sample=sample,
+                                  temperature=body.temperature if sample else 1.0,
+                                  top_p=body.top_p if (sample and body.top_p is not None) else 1.0, seed=body.seed)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    if body.seed is not None and not 0 <= body.seed < 2**63:
+        raise ApiError(400, "seed: must be in [0, 2**63)", param="seed")
     history = [{"role": t["role"], "content": t["content"]} for t in system] + [
         {**t, "regions": rs} if t["role"] == "user" else t for t, rs in zip(chat[:-1], per_turn[:-1])
     ]
@@ -438,45 +456,58 @@ class ModelWorker:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over ``limit`` bytes gets 413 (declared length or bytes actually sent)."""
+    """ASGI middleware: a request body over ``limit`` bytes gets 413.
+
+    A declared ``Content-Length`` is checked before anything is read; a body without one (chunked) is
+    read here, up to the limit, and handed on only when it fits.
+    """
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit = app, limit
+
+    def _too_large(self) -> JSONResponse:
+        return ApiError(413, f"the request body is larger than {self.limit} bytes", code="body_too_large").response()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        declared = None
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = -1
-                if declared < 0 or declared > self.limit:
-                    error = ApiError(413, f"the request body is larger than {self.limit} bytes", code="body_too_large")
-                    await error.response()(scope, receive, send)
-                    return
-        seen = 0
-
-        async def limited() -> dict:
-            nonlocal seen
+        if declared is not None:
+            if declared < 0 or declared > self.limit:
+                await self._too_large()(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        messages, seen = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise ApiError(413, f"the request body is larger than {self.limit} bytes", code="body_too_large")
-            return message
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                await self._too_large()(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
 
-        try:
-            await self.app(scope, limited, send)
-        except ApiError as e:
-            await e.response()(scope, receive, send)
+        async def replay() -> dict:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
 
 def create_app(predictor: Any, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI application serving ``predictor`` (an :class:`~fclm.inference.FCLMPredictor`)."""
     settings = settings or ServeSettings()
+    predictor.max_prompt_tokens = settings.max_prompt_tokens
     worker = ModelWorker(predictor, settings.max_queue)
     heads = set(predictor.model.heads)
     app = FastAPI(title="fclm-serve", version="1", description=__doc__.split("\n\n")[0])
@@ -545,13 +576,15 @@ def create_app(predictor: Any, settings: ServeSettings | None = None) -> FastAPI
 
 
 def _checked(fn: Any) -> Any:
-    """``fn`` with the predictor's ``ValueError`` (a bad region, a placeholder mismatch …) turned into a 400."""
+    """``fn`` with the predictor's ``ValueError`` (a bad region, a placeholder mismatch, a prompt too long …)
+    turned into a 400 naming the problem."""
 
     def call(*args: Any) -> Any:
         try:
             return fn(*args)
-        except ValueError as e:  # RecordError is a ValueError; its message names the record and problem
-            raise ApiError(400, str(e).removeprefix("record 'question': "), param="fclm.regions") from None
+        except (ValueError, OverflowError) as e:  # RecordError is a ValueError; its message names the problem
+            message = str(e).removeprefix("record 'question': ")
+            raise ApiError(400, message, param="fclm.regions" if message.startswith("region") else None) from None
 
     return call
 

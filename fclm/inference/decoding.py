@@ -34,7 +34,10 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-__all__ = ["SamplingConfig", "Generation", "PrefixCache", "decode", "encode_prefix", "run"]
+MIN_TEMPERATURE = 1e-3
+"""Smaller temperatures overflow the scaled logits; greedy decoding is what they approach."""
+
+__all__ = ["MIN_TEMPERATURE", "SamplingConfig", "Generation", "PrefixCache", "decode", "encode_prefix", "run"]
 
 
 @dataclass
@@ -59,8 +62,8 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if not (math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE):
+            raise ValueError(f"temperature must be >= {MIN_TEMPERATURE} (greedy decoding is do_sample=False), got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k < 0:

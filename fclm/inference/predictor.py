@@ -325,6 +325,8 @@ class FCLMPredictor:
         self._features: ImageFeatures | None = None
         self._crop_embeddings: dict[str, torch.Tensor] = {}
         self._prefix: PrefixCache | None = None
+        self.max_prompt_tokens: int | None = None
+        """Refuse (``ValueError``) prompts longer than this many tokens (a server sets it; None: no limit)."""
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: str | torch.device | None = None,
@@ -412,6 +414,9 @@ class FCLMPredictor:
         if head is not None:
             record["head"] = head
         encoded = self.processor.encode_record(record, self._image, add_generation_prompt=True, image_inputs=self._inputs)
+        n_tokens = int(encoded["input_ids"].shape[0])
+        if self.max_prompt_tokens is not None and n_tokens > self.max_prompt_tokens:
+            raise ValueError(f"the prompt has {n_tokens} tokens, more than the limit of {self.max_prompt_tokens}")
         batch = self.processor.collate([encoded], padding_side="left")
         batch = {k: self._to_device(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         if batch["region_masks"].shape[0] and self.model.region_extractor.local_aggregation:

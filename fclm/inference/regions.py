@@ -34,6 +34,10 @@ __all__ = ["RegionPrompt", "ResolvedRegion", "parse_region", "SCRIBBLE_POINTS"]
 
 SCRIBBLE_POINTS = 8
 """Positive clicks sampled along a scribble."""
+MAX_CLICKS = 64
+"""Most clicks in one points region (SAM attends over every click: cost grows with their square)."""
+MAX_SCRIBBLE_VERTICES = 4096
+"""Most vertices of one scribble (it is resampled to :data:`SCRIBBLE_POINTS` clicks)."""
 FALLBACK_RADIUS = 0.03
 """Radius of a click's fallback disc and half-width of a scribble's stroke, as a fraction of the shorter side."""
 
@@ -103,7 +107,7 @@ def parse_region(region: Any, index: int, height: int, width: int) -> RegionProm
         else:
             try:
                 mask = decode_mask(value, height, width)
-            except (ValueError, TypeError) as e:
+            except (ValueError, TypeError, OverflowError) as e:
                 raise ValueError(f"{name}: {e}") from None
         if not mask.any():
             raise ValueError(f"{name}: the mask is empty")
@@ -120,6 +124,8 @@ def parse_region(region: Any, index: int, height: int, width: int) -> RegionProm
     if kind == "points":
         if not isinstance(value, (list, tuple)) or not value:
             raise ValueError(f"{name}: points must be a non-empty list of [x, y]")
+        if len(value) > MAX_CLICKS:
+            raise ValueError(f"{name}: {len(value)} points, more than {MAX_CLICKS}")
         points = [_point(p, f"{name} point {j + 1}", height, width) for j, p in enumerate(value)]
         labels = region.get("labels", [1] * len(points))
         if not isinstance(labels, (list, tuple)) or len(labels) != len(points) or any(lab not in (0, 1) or isinstance(lab, bool) for lab in labels):
@@ -129,6 +135,8 @@ def parse_region(region: Any, index: int, height: int, width: int) -> RegionProm
         return RegionPrompt(kind="points", points=points, labels=[int(lab) for lab in labels])
     if not isinstance(value, (list, tuple)) or not value:
         raise ValueError(f"{name}: scribble must be a non-empty list of [x, y]")
+    if len(value) > MAX_SCRIBBLE_VERTICES:
+        raise ValueError(f"{name}: a scribble of {len(value)} vertices, more than {MAX_SCRIBBLE_VERTICES}")
     points = [_point(p, f"{name} scribble point {j + 1}", height, width) for j, p in enumerate(value)]
     return RegionPrompt(kind="scribble", points=points, labels=[1] * len(points))
 
