@@ -1,14 +1,8 @@
 """Shared fixtures: a tiny ShapesRef copy (training tests), tiny models for inference, clean global state.
 
-Inference fixtures:
-A random tiny LLM almost never generates ``[SEG]``. :func:`rig_seg_answers` edits three weight rows so
-that it always answers exactly ``[SEG]<|im_end|>`` — through real generation, real hidden states and the
-real heads — which lets tests and the CLIs exercise the grounding path end to end:
-
-* the embedding of the prompt's last token (the ``\\n`` after ``assistant``) becomes ``-big · e`` and
-  that of ``[SEG]`` becomes ``+big · e`` (a large residual dominates the last hidden state's direction);
-* ``lm_head`` rows: ``[SEG]`` = ``-e``, ``<|im_end|>`` = ``+e``, every other row 0.
-So after the prompt ``[SEG]`` wins, and after ``[SEG]`` ``<|im_end|>`` wins.
+Inference fixtures: ``tiny_model`` (random, from the tiny preset), ``seg_model`` (the same, rigged by
+:func:`fclm.testing.rig_seg_answers` to always answer ``[SEG]``, so the grounding path runs end to end),
+their exported directories (``tiny_model_dir``, ``seg_model_dir``) and a small random ``image``.
 """
 
 from __future__ import annotations
@@ -49,24 +43,6 @@ def _clean_state():
     GradientState._reset_state()
 
 
-def rig_seg_answers(model, scale: float = 200.0):
-    """Make ``model`` answer ``[SEG]`` then stop, for any prompt (see module docstring)."""
-    qwen = model.qwen
-    ids = model.token_ids
-    last = model.processor._text("assistant\n")[-1]
-    emb = qwen.get_input_embeddings().weight
-    g = torch.Generator().manual_seed(1)
-    e = torch.randn(emb.shape[1], generator=g)
-    e = e / e.norm()
-    with torch.no_grad():
-        emb[last] = -scale * e
-        emb[ids["seg"]] = scale * e
-        qwen.lm_head.weight.zero_()
-        qwen.lm_head.weight[ids["seg"]] = -e
-        qwen.lm_head.weight[ids["im_end"]] = e
-    return model
-
-
 def make_image(h: int = 40, w: int = 50, seed: int = 0) -> Image.Image:
     return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype(np.uint8))
 
@@ -86,6 +62,8 @@ def new_seg_model():
     """A factory of fresh rigged tiny models (for tests that change a model, e.g. its dtype)."""
     from fclm.config import preset
     from fclm.model import build_fclm
+
+    from fclm.testing import rig_seg_answers
 
     def make():
         torch.manual_seed(0)

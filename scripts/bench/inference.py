@@ -61,32 +61,6 @@ IGNORE_INDEX = -100
 # --------------------------------------------------------------------------------------------------
 
 
-def rig_seg_answers(model, scale: float = 200.0):
-    """Make a random ``model`` answer ``[SEG]<|im_end|>`` to any prompt (copied from ``tests/conftest.py``).
-
-    A random LLM (almost) never generates ``[SEG]``, so the grounding path would never run. Three
-    weight rows change, and generation, hidden states and heads stay real:
-    * the embedding of the prompt's last token (the ``\\n`` after ``assistant``) becomes ``-big·e`` and
-      that of ``[SEG]`` ``+big·e`` (a large residual dominates the last hidden state's direction);
-    * ``lm_head`` rows: ``[SEG]`` = ``-e``, ``<|im_end|>`` = ``+e``, every other row 0.
-    So after the prompt ``[SEG]`` wins, and after ``[SEG]`` ``<|im_end|>`` wins.
-    """
-    qwen = model.qwen
-    ids = model.token_ids
-    last = model.processor._text("assistant\n")[-1]
-    emb = qwen.get_input_embeddings().weight
-    g = torch.Generator().manual_seed(1)
-    e = torch.randn(emb.shape[1], generator=g)
-    e = e / e.norm()
-    with torch.no_grad():
-        emb[last] = -scale * e
-        emb[ids["seg"]] = scale * e
-        qwen.lm_head.weight.zero_()
-        qwen.lm_head.weight[ids["seg"]] = -e
-        qwen.lm_head.weight[ids["im_end"]] = e
-    return model
-
-
 def setup(threads: int) -> None:
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
@@ -95,6 +69,7 @@ def setup(threads: int) -> None:
 def build_model(preset_name: str, rigged: bool):
     from fclm.config import preset
     from fclm.model import build_fclm
+    from fclm.testing import rig_seg_answers
 
     torch.manual_seed(0)
     model = build_fclm(preset(preset_name)).eval()

@@ -65,33 +65,11 @@ RSS_AT = (10, 1000)
 # --------------------------------------------------------------------------------------------------
 
 
-def rig_seg_answers(model, scale: float = 200.0):
-    """Make ``model`` answer ``[SEG]`` then stop, for any prompt.
-
-    Copied from ``tests/conftest.py`` (``rig_seg_answers``; the reasoning is in that module's docstring):
-    the last prompt token's embedding and ``[SEG]``'s point in opposite directions along a random unit
-    vector e, and the only non-zero ``lm_head`` rows are ``[SEG] = -e`` and ``<|im_end|> = +e``.
-    """
-    qwen = model.qwen
-    ids = model.token_ids
-    last = model.processor._text("assistant\n")[-1]
-    emb = qwen.get_input_embeddings().weight
-    g = torch.Generator().manual_seed(1)
-    e = torch.randn(emb.shape[1], generator=g)
-    e = e / e.norm()
-    with torch.no_grad():
-        emb[last] = -scale * e
-        emb[ids["seg"]] = scale * e
-        qwen.lm_head.weight.zero_()
-        qwen.lm_head.weight[ids["seg"]] = -e
-        qwen.lm_head.weight[ids["im_end"]] = e
-    return model
-
-
 def build_predictor(preset_name: str, threads: int):
     from fclm.config import preset
     from fclm.inference import FCLMPredictor
     from fclm.model import build_fclm
+    from fclm.testing import rig_seg_answers
 
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
