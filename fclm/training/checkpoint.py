@@ -17,17 +17,27 @@ complete; a run killed while saving leaves a ``.tmp-*`` folder that the next sav
 Frozen weights are not saved: a resumed run rebuilds them the same way (from the pretrained files,
 the stage-1 export, or the seed), and :func:`load_checkpoint` checks that the file holds exactly the
 trainable parameters (missing / unexpected keys are an error).
+
+A checkpoint folder may come from someone else, and unpickling can run any code a file names (a
+crafted one ran a shell command). So nothing of it is unpickled with ``weights_only=False``: before
+loading, every ``*.pt`` is checked with ``torch.load(weights_only=True)`` (DeepSpeed's files may also
+hold the few harmless classes of :func:`deepspeed_safe_globals`) and a file that needs anything else
+is refused with a :class:`CheckpointError` naming it; DeepSpeed's own loaders then run under
+:func:`weights_only_loads`, which makes their ``torch.load(weights_only=False)`` calls restricted too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import pickle
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -96,6 +106,104 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------------
+# reading pickles: tensors and plain data only
+# --------------------------------------------------------------------------------------------------
+
+
+def deepspeed_safe_globals() -> list[type]:
+    """The classes DeepSpeed's checkpoint files pickle besides tensors and plain data (its optimizer-state files).
+
+    Found by saving real checkpoints on CPU (ZeRO-2, ZeRO-3, ZeRO-2 with offload and DeepSpeed's optimizer
+    block; fp32, bf16, fp16) and listing ``torch.serialization.get_unsafe_globals_in_checkpoint``; the
+    model-states files need none. ``tests/training/test_checkpoint_security.py`` checks the list still
+    covers real ZeRO-2/3 files. Each is a plain record, harmless to rebuild: the restricted unpickler may
+    only call its constructor with plain-data arguments or fill its ``__dict__`` (none defines
+    ``__setstate__`` / ``__reduce__`` hooks that act), and nothing here is a function or can reach one.
+
+    * ``ZeroStageEnum``: an ``int`` enum (stages 0–3); building one only looks the value up.
+    * ``fragment_address``: a dataclass ``(numel, start)``, where a parameter lies in a flat partition.
+    * ``LossScaler`` / ``DynamicLossScaler``: the loss-scale counters (static; fp16's dynamic one);
+      their constructors only store the numbers (and a ``torch.dtype``) they are given.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+def _refusal(e: pickle.UnpicklingError) -> str:
+    """Why torch's restricted unpickler refused a file, in one line (its message advises weights_only=False)."""
+    m = re.search(r"GLOBAL (\S+)", str(e))
+    if m:
+        return f"it would import {m.group(1)}"
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    detail = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation"))]
+    return (detail or lines or [type(e).__name__])[-1]
+
+
+def safe_torch_load(file: str | Path, *, allowed: Sequence[type] = (), mmap: bool = False) -> Any:
+    """``torch.load(file, weights_only=True)`` on CPU, also admitting the ``allowed`` classes.
+
+    A file needing anything else (a pickle that imports ``os.system``, …) raises :class:`CheckpointError`
+    naming it: nothing in it has run. ``mmap``: map the tensors instead of reading them (zip files only).
+    """
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{file}: refused: {_refusal(e)} (only tensors and plain data are loaded)") from None
+    except (RuntimeError, ValueError, EOFError) as e:  # corrupt, truncated, a TorchScript archive, …
+        raise CheckpointError(f"{file}: not a readable torch file ({type(e).__name__}: {e})") from e
+
+
+def _is_zip(file: Path) -> bool:
+    """torch.save's zip format (the default, DeepSpeed's too): the only one ``mmap`` can read."""
+    with open(file, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def verify_checkpoint_files(path: str | Path) -> None:
+    """Check every ``*.pt`` under checkpoint ``path`` with the restricted loader before anything loads one.
+
+    Files under ``deepspeed/`` may also hold :func:`deepspeed_safe_globals`. Tensors are memory-mapped,
+    not read, so checking even large ZeRO partitions costs only their pickles. Raises
+    :class:`CheckpointError` naming the first refused file.
+    """
+    path = Path(path)
+    for file in sorted(path.rglob("*.pt")):
+        in_deepspeed = file.relative_to(path).parts[0] == DS_TAG
+        safe_torch_load(file, allowed=deepspeed_safe_globals() if in_deepspeed else (), mmap=_is_zip(file))
+
+
+_FORCE_WO, _FORCE_NO_WO = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+@contextlib.contextmanager
+def weights_only_loads(where: str | Path) -> Iterator[None]:
+    """While DeepSpeed reads checkpoint files (``where``): its own ``torch.load(weights_only=False)`` calls
+    (engine resume, ``zero_to_fp32``) become restricted loads too, admitting :func:`deepspeed_safe_globals`.
+
+    torch reads ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` at every ``torch.load`` and then ignores
+    ``weights_only=False``. :func:`verify_checkpoint_files` has already checked the files (and named a bad
+    one); this covers a file swapped in between and any DeepSpeed loader not audited here.
+    """
+    saved = {k: os.environ.pop(k, None) for k in (_FORCE_WO, _FORCE_NO_WO)}  # both set is an error in torch
+    os.environ[_FORCE_WO] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            yield
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{where}: refused: {_refusal(e)} (only tensors and plain data are loaded)") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,15 +286,25 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
 
 
 def load_trainable_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a checkpoint's trainable weights into an unwrapped model (plain or DeepSpeed files), keys checked."""
-    path = Path(path)
+    """Load a checkpoint's trainable weights into an unwrapped model (plain or DeepSpeed files), keys checked.
+
+    Every pickle of the checkpoint is checked first (:func:`verify_checkpoint_files`), even those not read here:
+    a checkpoint holding a crafted file is refused as a whole.
+    """
+    verify_checkpoint_files(path)
+    _load_trainable_weights(model, Path(path))
+
+
+def _load_trainable_weights(model: nn.Module, path: Path) -> None:
+    """:func:`load_trainable_weights` of a checkpoint whose files are verified."""
     if (path / MODEL_NAME).is_file():
         state = load_file(str(path / MODEL_NAME))
         where = path / MODEL_NAME
     elif (path / DS_TAG).is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG, exclude_frozen_parameters=True)
+        with weights_only_loads(path / DS_TAG):  # zero_to_fp32 calls torch.load(weights_only=False)
+            state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG, exclude_frozen_parameters=True)
         # DeepSpeed adds the module's buffers; only those training updates are restored, the rest are rebuilt.
         fixed = {n for n, _ in model.named_buffers()} - set(tracked_names(model))
         state = {k: v for k, v in state.items() if k not in fixed}
@@ -207,6 +325,7 @@ def load_checkpoint(accelerator: Any, model: nn.Module, optimizer: Any, schedule
     """
     path = Path(path)
     state = read_trainer_state(path)
+    verify_checkpoint_files(path)  # before this function or DeepSpeed unpickles any file of it
     if state.get("world_size", accelerator.num_processes) != accelerator.num_processes and _is_deepspeed(accelerator):
         logger.warning("%s was saved by %s processes, resuming on %s", path, state["world_size"], accelerator.num_processes)
     if _is_deepspeed(accelerator):
@@ -214,24 +333,25 @@ def load_checkpoint(accelerator: Any, model: nn.Module, optimizer: Any, schedule
         for name in ("mp_rank_00_model_states.pt", f"zero_pp_rank_{accelerator.process_index}_mp_rank_00_model_states.pt"):
             module_file = path / DS_TAG / name
             if module_file.is_file():
-                saved = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+                saved = safe_torch_load(module_file, allowed=deepspeed_safe_globals())["module"]
                 buffers = {n for n, _ in model.module.named_buffers()}
                 check_keys(trainable_names(model.module), [k for k in saved if k not in buffers], str(module_file))
                 break
         else:
             raise CheckpointError(f"{path / DS_TAG}: no DeepSpeed model-states file")
-        load_path, _ = model.load_checkpoint(
-            str(path), tag=DS_TAG, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+        with weights_only_loads(path / DS_TAG):  # DeepSpeed's checkpoint engine calls torch.load(weights_only=False)
+            load_path, _ = model.load_checkpoint(
+                str(path), tag=DS_TAG, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {path / DS_TAG}")
     else:
-        load_trainable_weights(accelerator.unwrap_model(model), path)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+        _load_trainable_weights(accelerator.unwrap_model(model), path)
+        optimizer.load_state_dict(safe_torch_load(path / "optimizer.pt"))
+    scheduler.load_state_dict(safe_torch_load(path / "scheduler.pt"))
     rng_file = path / f"rng_state_{accelerator.process_index}.pt"
     if rng_file.is_file():
-        restore_rng(torch.load(rng_file, weights_only=True))
+        restore_rng(safe_torch_load(rng_file))
     else:
         logger.warning("%s missing: this process's random generators start fresh", rng_file)
     logger.info("resumed from %s (step %d)", path, state["step"])
@@ -249,4 +369,8 @@ __all__ = [
     "capture_rng",
     "restore_rng",
     "check_keys",
+    "safe_torch_load",
+    "verify_checkpoint_files",
+    "deepspeed_safe_globals",
+    "weights_only_loads",
 ]
