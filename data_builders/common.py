@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,9 +10,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from fclm.data.schema import relative_image_path
-from fclm.io import ErrorReport, RecordError, write_jsonl
-from fclm.masks import decode_mask, encode_mask, mask_to_box
+from fclm.data.schema import BOX_TOLERANCE, check_record, relative_image_path, xywh_to_xyxy
+from fclm.io import ErrorReport, RecordError, read_json, write_jsonl
+from fclm.masks import MAX_MASK_PIXELS, decode_mask, encode_mask, mask_to_box, rle_run_lengths
+
+ENTRY_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, RecursionError)
+"""What a malformed entry of a parsed input can raise while a builder reads it (a wrong type, a missing
+key, an infinite or huge number, nesting too deep to print): each is reported with the entry and skipped."""
 
 
 @dataclass
@@ -60,36 +63,161 @@ class ImageIndex:
         if self.check:
             ok = self._seen.get(key)
             if ok is None:
-                ok = self._seen[key] = path.is_file()
+                try:
+                    ok = path.is_file()
+                except (OSError, ValueError):  # a name too long for the file system, a NUL byte …
+                    ok = False
+                self._seen[key] = ok
             if not ok:
-                raise RecordError(where, f"image not found: {path}")
+                raise RecordError(where, f"image not found: {short_repr(str(path), 300)}")
         return relative_image_path(path, self.out_dir)
 
 
-def to_instance(segmentation: Any, height: int, width: int) -> tuple[dict, list[float], np.ndarray]:
+def valid_id(v: Any) -> bool:
+    """An id a builder can use in a record id and a message: a string of at most 1,000 characters or
+    an integer (not a bool) within 64 bits (a 5,000-digit integer cannot even be printed)."""
+    if isinstance(v, str):
+        return len(v) <= 1000
+    return isinstance(v, int) and not isinstance(v, bool) and -(1 << 63) <= v < (1 << 63)
+
+
+def image_hw(height: Any, width: Any) -> tuple[int, int]:
+    """An entry's image ``(height, width)`` as positive ints; ``ValueError`` for anything else.
+
+    Integral floats (``480.0``) and numeric strings are accepted, as ``int()`` takes them; negative,
+    zero, infinite, NaN or non-numeric sizes, and sizes over ``fclm.masks.MAX_MASK_PIXELS``, are refused.
+    """
+    try:
+        if isinstance(height, bool) or isinstance(width, bool):
+            raise TypeError
+        h, w = int(height), int(width)
+        if isinstance(height, float) and height != h or isinstance(width, float) and width != w:
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"image size must be two positive integers, got height {short_repr(height)} and width {short_repr(width)}") from None
+    if h <= 0 or w <= 0 or h * w > MAX_MASK_PIXELS:
+        raise ValueError(f"image size {h}x{w} (HxW) is not positive or is over the {MAX_MASK_PIXELS}-pixel limit")
+    return h, w
+
+
+def short_repr(v: Any, limit: int = 40) -> str:
+    """``repr(v)`` (``str`` for a string), cut to ``limit`` characters, for error messages."""
+    try:
+        text = v if isinstance(v, str) else repr(v)
+    except RecursionError:
+        return f"<{type(v).__name__}, nested too deeply>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def checked_box(xywh: Any, height: int, width: int) -> list[float]:
+    """COCO ``[x, y, w, h]`` → ``[x1, y1, x2, y2]``, refusing (``ValueError``) what the record check
+    (:func:`fclm.data.schema.validate_record`) would: non-finite numbers, a negative size, a box that
+    lies outside the ``width×height`` image by more than ``BOX_TOLERANCE`` pixels."""
+    box = xywh_to_xyxy(xywh)
+    if box[2] < box[0] or box[3] < box[1]:
+        raise ValueError(f"bbox {short_repr(xywh)} has a negative size")
+    if min(box[0], box[1]) < -BOX_TOLERANCE or box[2] > width + BOX_TOLERANCE or box[3] > height + BOX_TOLERANCE:
+        raise ValueError(f"bbox {short_repr(xywh)} lies outside the {width}x{height} (WxH) image")
+    return box
+
+
+def to_instance(segmentation: Any, height: Any, width: Any) -> tuple[dict, list[float], np.ndarray]:
     """COCO segmentation (polygons, RLE or uncompressed RLE) → ``(compressed RLE, mask box, mask)``.
 
-    Raises ``ValueError`` for a polygon under 3 points, a corrupt RLE, a size that is not the
-    image's, or an empty mask.
+    Raises ``ValueError`` for a bad image size (:func:`image_hw`), a polygon under 3 points or with
+    non-finite / far-out coordinates, a corrupt or oversized RLE, a size that is not the image's, or
+    an empty mask (all checked by :mod:`fclm.masks` before pycocotools sees the data).
     """
-    mask = decode_mask(segmentation, int(height), int(width))
+    h, w = image_hw(height, width)
+    mask = decode_mask(segmentation, h, w)
     if not mask.any():
         raise ValueError("the mask is empty")
     return encode_mask(mask), mask_to_box(mask), mask
 
 
-def write_records(out: str | os.PathLike, records: Iterable[dict]) -> int:
-    """Write records atomically (a killed build leaves no half-written file)."""
-    return write_jsonl(out, records)
+def mask_problem(m: Any, hw: tuple[int, int] | None) -> str | None:
+    """Why a record's mask is unusable (``None`` if it is fine), without decoding a compressed RLE.
+
+    RLE: ``size`` positive ints within ``MAX_MASK_PIXELS`` and equal to the image's ``hw`` (when
+    known); run lengths (:func:`fclm.masks.rle_run_lengths`, vectorised) non-negative, covering H×W,
+    with a foreground pixel. Polygons are rasterised through :mod:`fclm.masks` when ``hw`` is known.
+    """
+    if isinstance(m, dict):
+        size, counts = m.get("size"), m.get("counts")
+        if not (isinstance(size, (list, tuple)) and len(size) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+            return "bad RLE (size must be [H, W] with positive ints)"
+        h, w = int(size[0]), int(size[1])
+        if h * w > MAX_MASK_PIXELS:
+            return f"bad RLE (size {h}x{w} is over the {MAX_MASK_PIXELS}-pixel limit)"
+        if hw is not None and (h, w) != tuple(hw):
+            return f"mask size {[h, w]} differs from the image size {list(hw)}"
+        if isinstance(counts, list):
+            if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+                return "bad RLE (uncompressed counts must be non-negative ints)"
+            runs = np.asarray(counts, dtype=object)
+        elif isinstance(counts, str):
+            try:
+                runs = rle_run_lengths(counts)
+            except ValueError:  # not ASCII
+                return "bad RLE (counts are not a COCO run-length string)"
+            if (runs < 0).any():
+                return "bad RLE (counts are not a valid COCO run-length string)"
+        else:
+            return "bad RLE (counts must be a string or a list)"
+        if int(runs.sum()) != h * w:
+            return f"bad RLE (runs cover {int(runs.sum())} pixels, expected H*W = {h * w})"
+        if not any(int(r) > 0 for r in runs[1::2]):
+            return "the mask is empty"
+        return None
+    if isinstance(m, list):
+        if hw is None:
+            return None  # as the record check does: a polygon's size is unknown without the image
+        try:
+            return None if decode_mask(m, *hw).any() else "the mask is empty"
+        except (ValueError, TypeError) as e:
+            return f"bad polygon ({e})"
+    return f"a mask must be an RLE object or a polygon list, got {type(m).__name__}"
+
+
+class RecordGate:
+    """The last check before a record is written: the record schema (:func:`fclm.data.schema.check_record`
+    without decoding masks: placeholders, ``[SEG]`` count, boxes inside the masks' size …) and an id
+    not used before. A record that fails is reported at ``where`` (its input) and not written, so a
+    hostile input can never make a builder write an invalid record.
+    """
+
+    def __init__(self, report: ErrorReport):
+        self.report = report
+        self.seen: set[str] = set()
+
+    def __call__(self, where: str, rec: dict) -> bool:
+        problems = check_record(rec, decode_masks=False)
+        rid = rec.get("id")
+        if isinstance(rid, str) and rid in self.seen:
+            problems.append(f"id {rid!r} is already used by an earlier record (the input repeats an entry or an id)")
+        if problems:
+            self.report.add(RecordError(where, "; ".join(problems)))
+            return False
+        self.seen.add(rid)
+        return True
+
+
+def write_records(out: str | os.PathLike, records: Iterable[Any], report: ErrorReport | None = None, *, located: bool = False) -> int:
+    """Write records atomically (a killed build leaves no half-written file).
+
+    Records are strict JSON (no NaN/Infinity). With ``report``, a record that cannot be written (a
+    lone surrogate or a NaN from the input, nesting too deep) is reported and skipped; the others
+    are written. ``located``: ``records`` are ``(where, record)`` pairs and such a problem names
+    ``where`` (the input entry), else the record id.
+    """
+    return write_jsonl(out, records, report=report, allow_nan=False, located=located)
 
 
 def load_json(path: str | os.PathLike, expect: type | None = None, what: str = "") -> Any:
-    """Read a whole-input JSON file; a failure is fatal and raises :class:`RecordError` naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise RecordError(str(path), f"cannot read ({type(e).__name__}: {e})") from None
+    """Read a whole-input JSON file; a failure is fatal and raises a one-line :class:`RecordError`
+    naming the file (with the byte offset and line of invalid UTF-8, the line/column of bad JSON)."""
+    data = read_json(path)
     if expect is not None and not isinstance(data, expect):
         raise RecordError(str(path), f"expected {what or expect.__name__}, got {type(data).__name__}")
     return data

@@ -3,7 +3,9 @@
 ``fclm-data dlres --src dam_region_captions.jsonl --out dlres.jsonl --rewriter rule|llm``
 
 Input: ``region_caption`` records (one region each, the caption in the assistant turn), e.g. from
-the ``dam`` builder. Each caption is rewritten into a noun phrase that refers to the region and
+the ``dam`` builder. Each region's mask is checked without decoding it (run lengths cover H×W and
+hold a foreground pixel) and, unless ``--no-check-images``, against its image's size (each image
+opened once); a record that fails is reported as ``file:line`` and skipped. Each caption is rewritten into a noun phrase that refers to the region and
 becomes one ``dlres`` record::
 
     user "Please segment: {expression}." (one of fclm.data.templates.DLRES_PROMPTS, by record id)
@@ -21,7 +23,9 @@ Rewriters:
   from the env var named by ``--api-key-env``), at most ``--concurrency`` requests in flight, each
   retried ``--retries`` times with exponential back-off; every answer is appended to a cache file
   (``--cache``, default ``OUT.llm_cache.jsonl``) as it arrives, so a killed run resumes without
-  asking again.
+  asking again. The cache is keyed by content (prompt version, model, ``--max-words``, caption), so
+  a rerun with other inputs or options reuses only answers to the very same question; a damaged
+  cache line is ignored (that caption is asked again).
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from data_builders.common import BuildResult, add_common_args
-from fclm.data.schema import check_record, chat, make_record, region_entry, relative_image_path, resolve_image_path, target_entry
+from data_builders.common import BuildResult, RecordGate, add_common_args, mask_problem
+from fclm.data.schema import check_record, chat, image_size, make_record, region_entry, relative_image_path, resolve_image_path, target_entry
 from fclm.data.templates import SEG_TOKEN, dlres_prompt, normalize_expression
 from fclm.io import ErrorReport, RecordError, iter_jsonl, write_jsonl
 
@@ -188,13 +192,15 @@ class LlmRewriter:
         self._lock = threading.Lock()
         self.requests = 0
         if self.cache_path.is_file():
-            with open(self.cache_path, encoding="utf-8") as f:
-                for line in f:
+            with open(self.cache_path, "rb") as f:
+                for raw in f:
                     try:
-                        entry = json.loads(line)
-                        self.cache[entry["key"]] = entry["expression"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        continue  # a line cut by a kill: that caption is simply asked again
+                        entry = json.loads(raw.decode("utf-8"))
+                        key, expression = entry["key"], entry["expression"]
+                    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError):
+                        continue  # a line cut by a kill (or damaged): that caption is simply asked again
+                    if isinstance(key, str) and isinstance(expression, str):
+                        self.cache[key] = expression
 
     def key(self, caption: str) -> str:
         h = hashlib.sha256()
@@ -289,6 +295,8 @@ class DlresOptions:
     llm: LlmOptions | None = None
     cache: Path | None = None
     strict: bool = False
+    check_images: bool = True
+    """Open each source image (once) and check that it exists and has the mask's size."""
 
     def __post_init__(self) -> None:
         self.src, self.out = Path(self.src), Path(self.out)
@@ -300,7 +308,22 @@ class DlresOptions:
 
 
 def _caption_records(opts: DlresOptions, report: ErrorReport) -> Iterator[tuple[str, dict, str]]:
-    """``(where, record, caption)`` of each usable source record; others are reported."""
+    """``(where, record, caption)`` of each usable source record; others are reported.
+
+    The region's mask is checked without decoding it (:func:`data_builders.common.mask_problem`),
+    and, with ``check_images``, against its image's size (each image opened once).
+    """
+    sizes: dict[str, tuple[int, int] | str] = {}
+
+    def image_hw(rec: dict) -> tuple[int, int] | str:
+        path = str(resolve_image_path(rec["image"], opts.src.parent))
+        if path not in sizes:
+            try:
+                sizes[path] = image_size(path)
+            except Exception as e:  # missing, unreadable, or refused by PIL (decompression bomb)
+                sizes[path] = f"image does not open: {path[:300]} ({type(e).__name__})"
+        return sizes[path]
+
     for lineno, rec in iter_jsonl(opts.src, report):
         where = f"{opts.src}:{lineno}"
         problems = check_record(rec, decode_masks=False)
@@ -309,6 +332,11 @@ def _caption_records(opts: DlresOptions, report: ErrorReport) -> Iterator[tuple[
             continue
         if rec["task"] != "region_caption" or len(rec["regions"]) != 1:
             report.add(RecordError(where, f"expected a region_caption record with one region (task {rec['task']}, {len(rec['regions'])} regions)"))
+            continue
+        hw = image_hw(rec) if opts.check_images else None
+        problem = hw if isinstance(hw, str) else mask_problem(rec["regions"][0]["mask"], hw)
+        if problem:
+            report.add(RecordError(where, f"regions[0]: {problem}"))
             continue
         caption = next((m["content"] for m in reversed(rec["messages"]) if m["role"] == "assistant"), "").strip()
         if not caption:
@@ -337,39 +365,51 @@ def build(opts: DlresOptions) -> BuildResult:
         llm.rewrite_all(captions, on_error)
     src_dir, out_dir = opts.src.parent, opts.out.parent
 
-    def records() -> Iterator[dict]:
+    def records() -> Iterator[tuple[str, dict]]:
         for where, rec, caption in _caption_records(opts, report):
-            if llm is not None:
-                expr = llm.get(caption)
-                if expr is None:
-                    report.add(RecordError(where, f"no expression from the LLM ({failed.get(caption, 'not answered')})"))
-                    continue
-            else:
-                expr = rule_rewrite(caption, max_words=opts.max_words)
-                if not expr:
-                    report.add(RecordError(where, "the caption gives no expression"))
-                    continue
-            region = rec["regions"][0]
-            rid = f"dlres-{rec['id']}"
-            meta = rec.get("meta", {})
-            yield make_record(
-                id=rid,
-                image=relative_image_path(resolve_image_path(rec["image"], src_dir), out_dir),
-                task="dlres",
-                messages=chat(dlres_prompt(expr, rid), SEG_TOKEN),
-                regions=[region_entry(region["mask"], region["box"], target_index=0, in_prompt=False)],
-                targets=[target_entry([region["mask"]], [region["box"]])],
-                meta={
-                    "source": meta.get("source", "unknown"),
-                    **({"subset": meta["subset"]} if "subset" in meta else {}),
-                    "src_id": rec["id"],
-                    "caption": caption,
-                    "expression": expr,
-                    "rewriter": rewriter_name,
-                },
-            )
+            try:
+                out = record_of(rec, caption, where)
+            except RecordError:
+                raise  # --strict
+            except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+                report.add(RecordError(where, f"cannot rewrite ({type(e).__name__}: {str(e)[:200]})"))
+                continue
+            if out is not None:
+                yield where, out
 
-    n = write_jsonl(opts.out, records())
+    def record_of(rec: dict, caption: str, where: str) -> dict | None:
+        if llm is not None:
+            expr = llm.get(caption)
+            if expr is None:
+                report.add(RecordError(where, f"no expression from the LLM ({failed.get(caption, 'not answered')})"))
+                return None
+        else:
+            expr = rule_rewrite(caption, max_words=opts.max_words)
+            if not expr:
+                report.add(RecordError(where, "the caption gives no expression"))
+                return None
+        region = rec["regions"][0]
+        rid = f"dlres-{rec['id']}"
+        meta = rec.get("meta", {})
+        return make_record(
+            id=rid,
+            image=relative_image_path(resolve_image_path(rec["image"], src_dir), out_dir),
+            task="dlres",
+            messages=chat(dlres_prompt(expr, rid), SEG_TOKEN),
+            regions=[region_entry(region["mask"], region["box"], target_index=0, in_prompt=False)],
+            targets=[target_entry([region["mask"]], [region["box"]])],
+            meta={
+                "source": meta.get("source", "unknown"),
+                **({"subset": meta["subset"]} if "subset" in meta else {}),
+                "src_id": rec["id"],
+                "caption": caption,
+                "expression": expr,
+                "rewriter": rewriter_name,
+            },
+        )
+
+    gate = RecordGate(report)
+    n = write_jsonl(opts.out, (x for x in records() if gate(*x)), report=report, allow_nan=False, located=True)
     counts: dict = {"rewriter": rewriter_name}
     if llm is not None:
         counts.update({"llm requests": llm.requests, "answers in the cache before": cached_before})
@@ -388,7 +428,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=int, default=3)
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--cache", type=Path, default=None, help="LLM answer cache (default OUT.llm_cache.jsonl)")
-    add_common_args(p, images=False)
+    add_common_args(p)
 
 
 def run(args: argparse.Namespace) -> BuildResult:
@@ -407,6 +447,7 @@ def run(args: argparse.Namespace) -> BuildResult:
         )
     return build(
         DlresOptions(
-            src=args.src, out=args.out, rewriter=args.rewriter, max_words=args.max_words, llm=llm, cache=args.cache, strict=args.strict
+            src=args.src, out=args.out, rewriter=args.rewriter, max_words=args.max_words, llm=llm, cache=args.cache, strict=args.strict,
+            check_images=args.check_images,
         )
     )

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from data_builders.common import BuildResult, ImageIndex, add_common_args, load_json
+from data_builders.common import ENTRY_ERRORS, BuildResult, ImageIndex, RecordGate, add_common_args, load_json, valid_id
 from fclm.data.schema import chat, image_size, instance, make_record, resolve_image_path, target_entry
 from fclm.data.templates import GCG_PROMPT, gcg_phrase
 from fclm.io import ErrorReport, RecordError, write_jsonl
@@ -91,31 +91,52 @@ def _train_items(opts: GcgOptions, report: ErrorReport) -> Iterator[tuple[str, s
     for i, item in enumerate(data):
         where = f"{opts.ann}[{i}]"
         try:
-            caption = str(item["caption"])
+            if not isinstance(item.get("file_name"), str) or not isinstance(item.get("caption"), str):
+                raise TypeError("'file_name' and 'caption' must be strings")
+            caption = item["caption"]
             groundings = item["groundings"]
             entries = sorted(
-                ((int(g["token_positives"][0]), int(g["token_positives"][1])), list(g["rle_masks"])) for g in groundings.values()
+                (((int(g["token_positives"][0]), int(g["token_positives"][1])), list(g["rle_masks"])) for g in groundings.values()),
+                key=lambda e: e[0],
             )
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-            report.add(RecordError(where, f"malformed entry ({type(e).__name__}: {e})"))
+        except ENTRY_ERRORS as e:
+            report.add(RecordError(where, f"malformed entry ({type(e).__name__}: {str(e)[:200]})"))
             continue
-        yield where, str(item["file_name"]), caption, [s for s, _ in entries], [m for _, m in entries]
+        yield where, item["file_name"], caption, [s for s, _ in entries], [m for _, m in entries]
 
 
 def _eval_items(opts: GcgOptions, report: ErrorReport) -> Iterator[tuple[str, str, str, list[tuple[int, int]], list[list]]]:
-    cap, masks = load_json(opts.caption_gt), load_json(opts.mask_gt)
-    images = {img["id"]: img for img in cap.get("images", [])}
-    caps = {a["image_id"]: a for a in cap.get("annotations", [])}
+    cap, masks = load_json(opts.caption_gt, dict, "a COCO captions object"), load_json(opts.mask_gt, dict, "a COCO instances object")
+    for path, doc, keys in ((opts.caption_gt, cap, ("images", "annotations")), (opts.mask_gt, masks, ("annotations",))):
+        for key in keys:
+            if not isinstance(doc.get(key, []), list):
+                raise RecordError(str(path), f"'{key}' must be a list, got {type(doc[key]).__name__}")
+
+    def entries(path: Path, doc: dict, key: str, id_key: str) -> Iterator[dict]:
+        for k, e in enumerate(doc.get(key, [])):
+            if isinstance(e, dict) and valid_id(e.get(id_key)):
+                yield e
+            else:
+                report.add(RecordError(f"{path}[{key}][{k}]", f"expected an object with an integer or string '{id_key}'; skipped"))
+
+    images = {img["id"]: img for img in entries(opts.caption_gt, cap, "images", "id")}
+    caps = {a["image_id"]: a for a in entries(opts.caption_gt, cap, "annotations", "image_id")}
     by_image: dict[Any, list] = {}
-    for a in sorted(masks.get("annotations", []), key=lambda a: a.get("id", 0)):
-        by_image.setdefault(a.get("image_id"), []).append(a.get("segmentation"))
+    mask_anns = list(entries(opts.mask_gt, masks, "annotations", "image_id"))
+    for a in sorted(mask_anns, key=lambda a: (0, a["id"], "") if isinstance(a.get("id"), (int, float)) and not isinstance(a.get("id"), bool) else (1, 0, str(a.get("id")))):
+        by_image.setdefault(a["image_id"], []).append(a.get("segmentation"))
     for image_id, img in images.items():
         where = f"{opts.caption_gt}[image_id={image_id}]"
         ann = caps.get(image_id)
         if ann is None:
             report.add(RecordError(where, "no caption annotation"))
             continue
-        caption, labels, segs = str(ann.get("caption", "")), list(ann.get("labels", [])), by_image.get(image_id, [])
+        labels = ann.get("labels", [])
+        if not (isinstance(img.get("file_name"), str) and isinstance(ann.get("caption", ""), str)
+                and isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+            report.add(RecordError(where, "'file_name' and 'caption' must be strings and 'labels' a list of strings"))
+            continue
+        caption, segs = ann.get("caption", ""), by_image.get(image_id, [])
         if len(labels) != len(segs):
             report.add(RecordError(where, f"{len(labels)} label(s) but {len(segs)} mask(s) in {opts.mask_gt}"))
             continue
@@ -129,7 +150,7 @@ def _eval_items(opts: GcgOptions, report: ErrorReport) -> Iterator[tuple[str, st
         if len(spans) != len(labels):
             report.add(RecordError(where, f"label {labels[len(spans)]!r} not found in the caption (in order)"))
             continue
-        yield where, str(img["file_name"]), caption, spans, [[s] for s in segs]
+        yield where, img["file_name"], caption, spans, [[s] for s in segs]
 
 
 def build(opts: GcgOptions) -> BuildResult:
@@ -137,7 +158,7 @@ def build(opts: GcgOptions) -> BuildResult:
     index = ImageIndex(opts.image_root, opts.out.parent, check=opts.check_images)
     items = _train_items(opts, report) if opts.ann is not None else _eval_items(opts, report)
 
-    def records() -> Iterator[dict]:
+    def records() -> Iterator[tuple[str, dict]]:
         for where, file_name, caption, spans, mask_lists in items:
             try:
                 image = index.field(file_name, where)
@@ -153,10 +174,13 @@ def build(opts: GcgOptions) -> BuildResult:
             except RecordError as e:
                 report.add(e)
                 continue
-            except (ValueError, OSError) as e:
-                report.add(RecordError(where, str(e)))
+            except (OSError, *ENTRY_ERRORS) as e:
+                report.add(RecordError(where, str(e)[:300]))
                 continue
-            yield make_record(
+            except Exception as e:  # PIL refuses some images (decompression bombs) with its own types
+                report.add(RecordError(where, f"image does not open ({type(e).__name__}: {str(e)[:200]})"))
+                continue
+            yield where, make_record(
                 id=f"gcg-{Path(file_name).stem}",
                 image=image,
                 task="gcg",
@@ -165,7 +189,8 @@ def build(opts: GcgOptions) -> BuildResult:
                 meta={"source": opts.source, "phrases": phrases, "caption": caption, "file_name": file_name},
             )
 
-    n = write_jsonl(opts.out, records())
+    gate = RecordGate(report)
+    n = write_jsonl(opts.out, (x for x in records() if gate(*x)), report=report, allow_nan=False, located=True)
     return BuildResult(opts.out, n, report)
 
 

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from data_builders.common import BuildResult, ImageIndex, add_common_args, load_json, to_instance
+from data_builders.common import (
+    ENTRY_ERRORS, BuildResult, ImageIndex, RecordGate, add_common_args, image_hw, load_json, short_repr, to_instance, valid_id,
+)
 from fclm.data.schema import chat, make_record, region_entry
 from fclm.data.templates import ROC_PROMPT
 from fclm.io import ErrorReport, RecordError, write_jsonl
@@ -74,43 +76,60 @@ def build(opts: LvisRocOptions) -> BuildResult:
             regions = [(c, a.get("segmentation") if isinstance(a, dict) else None, j) for j, (c, a) in enumerate(zip(names, anns))]
             items.append((where, f"{opts.source}-roc-{i}", item, regions))
     elif isinstance(data, dict) and "annotations" in data and "images" in data:  # COCO / LVIS layout
-        cats = {c["id"]: c["name"] for c in data.get("categories", [])}
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(data.get(key, []), list):
+                raise RecordError(str(opts.ann), f"'{key}' must be a list, got {type(data[key]).__name__}")
+        cats: dict[Any, Any] = {}
+        for k, c in enumerate(data.get("categories", [])):
+            if isinstance(c, dict) and valid_id(c.get("id")) and isinstance(c.get("name"), str):
+                cats[c["id"]] = c["name"]
+            else:
+                report.add(RecordError(f"{opts.ann}[categories][{k}]", "expected {id, name}; category skipped"))
         by_image: dict[Any, list] = {}
-        for ann in data["annotations"]:
-            by_image.setdefault(ann.get("image_id"), []).append(ann)
-        for img in data["images"]:
-            anns = by_image.get(img.get("id"), [])
+        for k, ann in enumerate(data["annotations"]):
+            if not (isinstance(ann, dict) and valid_id(ann.get("image_id"))):
+                report.add(RecordError(f"{opts.ann}[annotations][{k}]", "expected an object with an 'image_id'; annotation skipped"))
+                continue
+            by_image.setdefault(ann["image_id"], []).append(ann)
+        for k, img in enumerate(data["images"]):
+            if not (isinstance(img, dict) and valid_id(img.get("id"))):
+                report.add(RecordError(f"{opts.ann}[images][{k}]", "expected an object with an 'id'; image skipped"))
+                continue
+            anns = by_image.get(img["id"], [])
             if anns:
-                regions = [(cats.get(a.get("category_id"), ""), a.get("segmentation"), a.get("id")) for a in anns]
-                items.append((f"{opts.ann}[images id={img.get('id')}]", f"{opts.source}-roc-{img.get('id')}", img, regions))
+                regions = [(cats.get(a.get("category_id"), "") if valid_id(a.get("category_id")) else "", a.get("segmentation"), a.get("id")) for a in anns]
+                items.append((f"{opts.ann}[images id={img['id']}]", f"{opts.source}-roc-{img['id']}", img, regions))
     else:
         raise RecordError(str(opts.ann), "expected Osprey's list layout or a COCO/LVIS instances object")
     if opts.max_images is not None:
         items = items[: opts.max_images]
 
-    def records() -> Iterator[dict]:
+    def records() -> Iterator[tuple[str, dict]]:
         for where, prefix, img, regions in items:
             try:
                 rel = _image_rel(img)
                 image = index.field(rel, where)
-                h, w = int(img["height"]), int(img["width"])
+                h, w = image_hw(img.get("height"), img.get("width"))
             except RecordError as e:
                 report.add(e)
                 continue
-            except (KeyError, TypeError, ValueError) as e:
-                report.add(RecordError(where, f"malformed image entry ({type(e).__name__}: {e})"))
+            except ENTRY_ERRORS as e:
+                report.add(RecordError(where, f"malformed image entry ({type(e).__name__}: {str(e)[:200]})"))
                 continue
             for j, (category, segm, ann_id) in enumerate(regions):
                 rwhere = f"{where}.annotations[{j}]"
-                if not category:
+                if not isinstance(category, str) or not category:
                     report.add(RecordError(rwhere, "no category name"))
+                    continue
+                if ann_id is not None and not valid_id(ann_id):
+                    report.add(RecordError(rwhere, f"annotation 'id' must be an integer or a string, got {short_repr(ann_id)}"))
                     continue
                 try:
                     rle, box, _ = to_instance(segm, h, w)
-                except (ValueError, TypeError) as e:
-                    report.add(RecordError(rwhere, f"bad segmentation ({e})"))
+                except ENTRY_ERRORS as e:
+                    report.add(RecordError(rwhere, f"bad segmentation ({str(e)[:200]})"))
                     continue
-                yield make_record(
+                yield rwhere, make_record(
                     id=f"{prefix}-{ann_id}",
                     image=image,
                     task="roc",
@@ -119,7 +138,8 @@ def build(opts: LvisRocOptions) -> BuildResult:
                     meta={"source": opts.source, "category": str(category), "image": rel, "ann": ann_id},
                 )
 
-    n = write_jsonl(opts.out, records())
+    gate = RecordGate(report)
+    n = write_jsonl(opts.out, (x for x in records() if gate(*x)), report=report, allow_nan=False, located=True)
     return BuildResult(opts.out, n, report, {"images": len(items)})
 
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from data_builders.common import BuildResult, ImageIndex, add_common_args, load_json, to_instance
-from fclm.data.schema import chat, make_record, target_entry, xywh_to_xyxy
+from data_builders.common import ENTRY_ERRORS, BuildResult, ImageIndex, RecordGate, add_common_args, checked_box, image_hw, load_json, to_instance
+from fclm.data.schema import chat, make_record, target_entry
 from fclm.data.templates import NO_TARGET_ANSWER, SEG_TOKEN, join_names, reason_seg_prompt
 from fclm.io import ErrorReport, RecordError, write_jsonl
 
@@ -62,12 +62,14 @@ def build(opts: MuseOptions) -> BuildResult:
     index = ImageIndex(opts.image_root, opts.out.parent, check=opts.check_images)
     split = "val" if "val" in opts.ann.stem else ("test" if "test" in opts.ann.stem else "train")
 
-    def records() -> Iterator[dict]:
+    def records() -> Iterator[tuple[str, dict]]:
         for i, item in enumerate(data):
             where = f"{opts.ann}[{i}]"
             try:
+                if not isinstance(item, dict):
+                    raise RecordError(where, f"expected an object, got {type(item).__name__}")
                 image = index.field(image_rel(item), where)
-                h, w = int(item["height"]), int(item["width"])
+                h, w = image_hw(item.get("height"), item.get("width"))
                 questions, answers = list(item["questions"]), list(item["answers"])
                 if len(questions) != len(answers):
                     raise RecordError(where, f"{len(questions)} question(s) but {len(answers)} answer list(s)")
@@ -75,8 +77,8 @@ def build(opts: MuseOptions) -> BuildResult:
             except RecordError as e:
                 report.add(e)
                 continue
-            except (KeyError, TypeError, ValueError) as e:
-                report.add(RecordError(where, f"malformed entry ({type(e).__name__}: {e})"))
+            except ENTRY_ERRORS as e:
+                report.add(RecordError(where, f"malformed entry ({type(e).__name__}: {str(e)[:200]})"))
                 continue
             for q, (question, objs, text_answer) in enumerate(zip(questions, answers, text_answers)):
                 qwhere = f"{where}.questions[{q}]"
@@ -84,25 +86,33 @@ def build(opts: MuseOptions) -> BuildResult:
                     targets, names = [], []
                     for k, obj in enumerate(objs):
                         try:
+                            if not isinstance(obj, dict):
+                                raise ValueError(f"expected an object, got {type(obj).__name__}")
                             rle, mask_box, _ = to_instance(obj["segmentation"], h, w)
-                        except (ValueError, TypeError, KeyError) as e:
-                            raise RecordError(f"{qwhere}.answers[{k}]", f"bad segmentation ({e})") from None
-                        box = xywh_to_xyxy(obj["bbox"]) if obj.get("bbox") else mask_box
+                            box = checked_box(obj["bbox"], h, w) if obj.get("bbox") else mask_box
+                        except ENTRY_ERRORS as e:
+                            raise RecordError(f"{qwhere}.answers[{k}]", f"bad segmentation/bbox ({str(e)[:200]})") from None
                         targets.append(target_entry([rle], [box]))
                         names.append(str(obj.get("rephrased_name") or obj.get("category_name") or "the object"))
+                    text = answer_text(text_answer if isinstance(text_answer, str) else None, names)
+                    prompt = reason_seg_prompt(str(question))
                 except RecordError as e:
                     report.add(e)
                     continue
-                yield make_record(
+                except ENTRY_ERRORS as e:
+                    report.add(RecordError(qwhere, f"malformed question ({type(e).__name__}: {str(e)[:200]})"))
+                    continue
+                yield qwhere, make_record(
                     id=f"muse-{split}-{i}-{q}",
                     image=image,
                     task="reason_seg",
-                    messages=chat(reason_seg_prompt(str(question)), answer_text(text_answer, names)),
+                    messages=chat(prompt, text),
                     targets=targets,
                     meta={"source": "muse", "split": split, "question": str(question), "names": names, "image_index": i},
                 )
 
-    n = write_jsonl(opts.out, records())
+    gate = RecordGate(report)
+    n = write_jsonl(opts.out, (x for x in records() if gate(*x)), report=report, allow_nan=False, located=True)
     return BuildResult(opts.out, n, report)
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from data_builders.common import BuildResult, ImageIndex, add_common_args, load_json, to_instance
+from data_builders.common import ENTRY_ERRORS, BuildResult, ImageIndex, RecordGate, add_common_args, image_hw, load_json, to_instance
 from fclm.data.schema import chat, make_record, region_entry
 from fclm.data.templates import REGION_CAPTION_PROMPT
 from fclm.io import ErrorReport, RecordError, write_jsonl
@@ -71,54 +71,69 @@ def build(opts: OspreyOptions) -> BuildResult:
     index = ImageIndex(opts.image_root, opts.out.parent, check=opts.check_images)
     stem = opts.ann.stem
     counts = {"conversation": 0, "region_caption": 0}
+    gate = RecordGate(report)
 
-    def records() -> Iterator[dict]:
+    def records() -> Iterator[tuple[str, dict]]:
         for i, item in enumerate(data):
             where = f"{opts.ann}[{i}]"
             try:
-                image = _image(index, str(item["file_name"]), where)
-                h, w = int(item["height"]), int(item["width"])
+                if not isinstance(item, dict):
+                    raise RecordError(where, f"expected an object, got {type(item).__name__}")
+                if not isinstance(item.get("file_name"), str):
+                    raise RecordError(where, "'file_name' must be a string")
+                image = _image(index, item["file_name"], where)
+                h, w = image_hw(item.get("height"), item.get("width"))
                 regions = []
                 for k, ann in enumerate(item["annotation"]):
                     try:
                         rle, box, _ = to_instance(ann["segmentation"], h, w)
-                    except (ValueError, TypeError, KeyError) as e:
+                    except ENTRY_ERRORS as e:
                         raise RecordError(f"{where}.annotation[{k}]", f"bad segmentation ({e})") from None
                     regions.append(region_entry(rle, box))
                 meta = {"source": "osprey", "subset": stem, "file_name": item["file_name"]}
                 if "conversations" in item:
                     messages = _conversation(item["conversations"], len(regions), opts.suffix, where)
-                    counts["conversation"] += 1
-                    yield make_record(id=f"osprey-{stem}-{i}", image=image, task="conversation", messages=messages, regions=regions, meta=meta)
+                    rec = make_record(id=f"osprey-{stem}-{i}", image=image, task="conversation", messages=messages, regions=regions, meta=meta)
+                    if gate(where, rec):
+                        counts["conversation"] += 1
+                        yield where, rec
                 elif "description" in item:
-                    descriptions = list(item["description"])
+                    descriptions = item["description"]
+                    if not isinstance(descriptions, list) or not all(isinstance(d, str) for d in descriptions):
+                        raise RecordError(where, "'description' must be a list of strings")
                     if len(descriptions) != len(regions):
                         raise RecordError(where, f"{len(descriptions)} description(s) for {len(regions)} region(s)")
                     for k, (d, region) in enumerate(zip(descriptions, regions)):
-                        m = _DESCRIPTION.match(str(d))
-                        caption = (m.group(1) if m else str(d)).strip()
+                        m = _DESCRIPTION.match(d)
+                        caption = (m.group(1) if m else d).strip()
                         if not caption:
                             report.add(RecordError(f"{where}.description[{k}]", "empty description"))
                             continue
-                        counts["region_caption"] += 1
-                        yield make_record(
+                        rec = make_record(
                             id=f"osprey-{stem}-{i}-{k}", image=image, task="region_caption",
                             messages=chat(REGION_CAPTION_PROMPT, caption), regions=[region], meta={**meta, "region_index": k},
                         )
+                        if gate(f"{where}.description[{k}]", rec):
+                            counts["region_caption"] += 1
+                            yield f"{where}.description[{k}]", rec
                 else:
                     raise RecordError(where, "neither 'conversations' nor 'description'")
             except RecordError as e:
                 report.add(e)
-            except (KeyError, TypeError, ValueError) as e:
-                report.add(RecordError(where, f"malformed entry ({type(e).__name__}: {e})"))
+            except ENTRY_ERRORS as e:
+                report.add(RecordError(where, f"malformed entry ({type(e).__name__}: {str(e)[:200]})"))
 
-    n = write_jsonl(opts.out, records())
+    n = write_jsonl(opts.out, records(), report=report, allow_nan=False, located=True)
     return BuildResult(opts.out, n, report, counts)
 
 
 def _conversation(turns: list, n_regions: int, suffix: str, where: str) -> list[dict]:
     messages: list[dict] = []
+    if not isinstance(turns, list):
+        raise RecordError(where, f"'conversations' must be a list, got {type(turns).__name__}")
     for t, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RecordError(f"{where}.conversations[{t}]", f"expected an object, got {type(turn).__name__}")
         role = _ROLES.get(str(turn.get("from", "")).lower())
         if role is None:
             raise RecordError(f"{where}.conversations[{t}]", f"unknown speaker {turn.get('from')!r}")

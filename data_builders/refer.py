@@ -18,16 +18,18 @@ and its no-target sentences are read.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from data_builders.common import BuildResult, ImageIndex, add_common_args, to_instance, write_records
+from data_builders.common import (
+    ENTRY_ERRORS, BuildResult, ImageIndex, RecordGate, add_common_args, checked_box, image_hw, short_repr, to_instance, valid_id,
+    write_records,
+)
 from fclm.data.safe_pickle import safe_load_path
-from fclm.data.schema import chat, make_record, target_entry, xywh_to_xyxy
+from fclm.data.schema import chat, make_record, target_entry
 from fclm.data.templates import SEG_TOKEN, res_prompt
-from fclm.io import ErrorReport, RecordError
+from fclm.io import ErrorReport, RecordError, read_json
 
 
 @dataclass
@@ -80,7 +82,11 @@ def as_list(x: Any) -> list:
 
 
 def load_refs(folder: Path, names: tuple[str, ...], split_by: str) -> tuple[Path, list[dict]]:
-    """The refs list of a dataset folder (first existing of ``names`` formatted with ``split_by``)."""
+    """The refs list of a dataset folder (first existing of ``names`` formatted with ``split_by``).
+
+    Any failure (unreadable, malformed, a pickle refused by :mod:`fclm.data.safe_pickle` or over one
+    of its limits) is a one-line :class:`RecordError` naming the file: the refs file is the whole input.
+    """
     for pattern in names:
         path = folder / pattern.format(split_by=split_by)
         if path.is_file():
@@ -88,31 +94,53 @@ def load_refs(folder: Path, names: tuple[str, ...], split_by: str) -> tuple[Path
     else:
         tried = ", ".join(str(folder / p.format(split_by=split_by)) for p in names)
         raise RecordError(str(folder), f"no refs file (tried {tried})")
-    try:
-        if path.suffix == ".json":
-            with open(path, encoding="utf-8") as f:
-                refs = json.load(f)
-        else:
+    if path.suffix == ".json":
+        refs = read_json(path)
+    else:
+        try:
             refs = safe_load_path(path)
-    except Exception as e:  # the refs file is the whole input: any failure is fatal, with its cause
-        raise RecordError(str(path), f"cannot read refs ({type(e).__name__}: {e})") from None
+        except Exception as e:  # the refs file is the whole input: any failure is fatal, with its cause
+            raise RecordError(str(path), f"cannot read refs ({type(e).__name__}: {e})") from None
     if not isinstance(refs, list):
         raise RecordError(str(path), f"expected a list of refs, got {type(refs).__name__}")
     return path, refs
 
 
-def load_instances(path: Path) -> tuple[dict[int, dict], dict[int, dict], dict[int, str]]:
-    """``(images by id, annotations by id, category names by id)`` of a COCO instances file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            inst = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise RecordError(str(path), f"cannot read instances ({type(e).__name__}: {e})") from None
+def _index_by_id(entries: Any, path: Path, section: str, report: ErrorReport | None) -> dict[Any, dict]:
+    """``{id: entry}`` of a COCO section; an entry that is not an object with a usable ``id`` is reported."""
+    if not isinstance(entries, list):
+        raise RecordError(str(path), f"'{section}' must be a list, got {type(entries).__name__}")
+    out: dict[Any, dict] = {}
+    for i, entry in enumerate(entries):
+        where = f"{path}[{section}][{i}]"
+        problem = None
+        if not isinstance(entry, dict):
+            problem = f"expected an object, got {type(entry).__name__}"
+        elif "id" not in entry:
+            problem = "no 'id'"
+        elif not valid_id(entry["id"]):
+            problem = f"'id' must be an integer or a string, got {short_repr(entry['id'])}"
+        elif entry["id"] in out:
+            problem = f"id {entry['id']!r} is used twice; the first entry is kept"
+        if problem is None:
+            out[entry["id"]] = entry
+        elif report is not None:
+            report.add(RecordError(where, problem + "; entry skipped"))
+    return out
+
+
+def load_instances(path: Path, report: ErrorReport | None = None) -> tuple[dict[int, dict], dict[int, dict], dict[int, str]]:
+    """``(images by id, annotations by id, category names by id)`` of a COCO instances file.
+
+    An unusable file is a one-line :class:`RecordError`; an entry that is not an object with an
+    ``id`` is reported in ``report`` and left out (the refs that need it are then reported too).
+    """
+    inst = read_json(path)
     if not isinstance(inst, dict) or not all(k in inst for k in ("images", "annotations")):
         raise RecordError(str(path), "expected a COCO instances object with 'images' and 'annotations'")
-    images = {img["id"]: img for img in inst["images"]}
-    anns = {ann["id"]: ann for ann in inst["annotations"]}
-    cats = {c["id"]: c["name"] for c in inst.get("categories", [])}
+    images = _index_by_id(inst["images"], path, "images", report)
+    anns = _index_by_id(inst["annotations"], path, "annotations", report)
+    cats = {k: c["name"] for k, c in _index_by_id(inst.get("categories", []), path, "categories", report).items() if isinstance(c.get("name"), str)}
     return images, anns, cats
 
 
@@ -122,31 +150,34 @@ def build_refer(opts: ReferOptions, variant: Variant) -> BuildResult:
     folder = opts.root / opts.dataset
     refs_path, refs = load_refs(folder, variant.refs_files, opts.split_by)
     inst_path = folder / "instances.json"
-    images, anns, cats = load_instances(inst_path)
+    images, anns, cats = load_instances(inst_path, report)
     index = ImageIndex(opts.image_root, opts.out.parent, check=opts.check_images)
     splits = set(opts.splits)
     instance_cache: dict[int, tuple[dict, list[float]]] = {}
-    records: list[dict] = []
+    records: list[tuple[str, dict]] = []  # (where, record)
     n_refs = n_empty = 0
+    gate = RecordGate(report)
 
-    def instance_of(ann_id: int, img: dict, where: str) -> tuple[dict, list[float]] | None:
-        if ann_id in instance_cache:
-            return instance_cache[ann_id]
+    def instance_of(ann_id: Any, img: dict, where: str) -> tuple[dict, list[float]] | None:
+        if not valid_id(ann_id):
+            raise RecordError(where, f"annotation id {short_repr(ann_id)} is not an integer or a string")
         ann = anns.get(ann_id)
         if ann is None:
             raise RecordError(where, f"annotation {ann_id} is not in {inst_path}")
         if variant.skip_crowd and ann.get("iscrowd"):
             return None
         akey = f"{inst_path}[annotations id={ann_id}]"
-        if ann.get("image_id") != img["id"]:
-            raise RecordError(akey, f"belongs to image {ann.get('image_id')}, the ref to image {img['id']}")
+        image_id = ann.get("image_id")
+        if type(image_id) is not type(img["id"]) or image_id != img["id"]:  # checked on every use: True is not 1
+            raise RecordError(akey, f"belongs to image {short_repr(image_id)}, the ref to image {img['id']}")
+        if ann_id in instance_cache:
+            return instance_cache[ann_id]
         try:
-            rle, _, _ = to_instance(ann["segmentation"], img["height"], img["width"])
-            box = xywh_to_xyxy(ann["bbox"])
-        except (KeyError, ValueError, TypeError) as e:
-            raise RecordError(akey, f"bad segmentation/bbox ({type(e).__name__}: {e})") from None
-        if box[2] < box[0] or box[3] < box[1]:
-            raise RecordError(akey, f"bbox {ann['bbox']} has a negative size")
+            h, w = image_hw(img.get("height"), img.get("width"))
+            rle, _, _ = to_instance(ann["segmentation"], h, w)
+            box = checked_box(ann["bbox"], h, w)
+        except ENTRY_ERRORS as e:
+            raise RecordError(akey, f"bad segmentation/bbox ({type(e).__name__}: {_message(e)})") from None
         instance_cache[ann_id] = (rle, box)
         return instance_cache[ann_id]
 
@@ -155,12 +186,16 @@ def build_refer(opts: ReferOptions, variant: Variant) -> BuildResult:
         if not isinstance(ref, dict):
             report.add(RecordError(where, f"a ref must be a dict, got {type(ref).__name__}"))
             continue
-        if splits and ref.get("split") not in splits:
+        split = ref.get("split")
+        if splits and not (isinstance(split, str) and split in splits):
             continue
-        where = f"{refs_path}[ref_id={ref.get('ref_id', i)}]"
+        rid = ref.get("ref_id", i)
+        where = f"{refs_path}[ref_id={rid}]" if valid_id(rid) else f"{refs_path}[{i}]"
         try:
+            if not valid_id(ref["image_id"]):
+                raise RecordError(where, f"image_id {short_repr(ref['image_id'])} is not an integer or a string")
             img = images.get(ref["image_id"])
-            if img is None:
+            if img is None or type(img["id"]) is not type(ref["image_id"]):
                 raise RecordError(where, f"image {ref['image_id']} is not in {inst_path}")
             image = index.field(img["file_name"], where)
             sentences = ref["sentences"]
@@ -168,6 +203,10 @@ def build_refer(opts: ReferOptions, variant: Variant) -> BuildResult:
                 raise RecordError(where, "no sentences")
             built = []
             for sent in sentences:
+                if not isinstance(sent, dict):
+                    raise RecordError(where, f"a sentence must be an object, got {type(sent).__name__}")
+                if not valid_id(sent.get("sent_id")):
+                    raise RecordError(where, f"sentence without an integer or string 'sent_id' ({short_repr(sent.get('sent_id'))})")
                 text = str(sent.get(opts.text) or sent.get("raw") or sent.get("sent") or "").strip()
                 if not text:
                     raise RecordError(where, f"sentence {sent.get('sent_id')} has no text")
@@ -190,26 +229,34 @@ def build_refer(opts: ReferOptions, variant: Variant) -> BuildResult:
                 }
                 meta.update(variant.meta(ref, sent))
                 built.append(
-                    make_record(
+                    (f"{where}[sent_id={sent.get('sent_id')}]", make_record(
                         id=f"{opts.dataset}-{opts.split_by}-{ref.get('split')}-{sent.get('sent_id')}",
                         image=image,
                         task=opts.task,
                         messages=chat(res_prompt(text), SEG_TOKEN),
                         targets=[target],
                         meta=meta,
-                    )
+                    )),
                 )
         except RecordError as e:
             report.add(e)
             continue
-        except (KeyError, TypeError, AttributeError) as e:
-            report.add(RecordError(where, f"malformed ref ({type(e).__name__}: {e})"))
+        except ENTRY_ERRORS as e:
+            report.add(RecordError(where, f"malformed ref ({type(e).__name__}: {_message(e)})"))
+            continue
+        built = [(w, r) for w, r in built if gate(w, r)]
+        if not built:
             continue
         n_refs += 1
-        n_empty += sum(1 for r in built if not r["targets"][0]["masks"])
+        n_empty += sum(1 for _, r in built if not r["targets"][0]["masks"])
         records += built
-    n = write_records(opts.out, records)
+    n = write_records(opts.out, records, report, located=True)
     return BuildResult(opts.out, n, report, {"refs": n_refs, "no-target sentences": n_empty})
+
+
+def _message(e: BaseException) -> str:
+    text = str(e)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def add_refer_args(p: Any, *, dataset: str, split_by: str, task: str, tasks: tuple[str, ...]) -> None:

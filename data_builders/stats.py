@@ -17,7 +17,7 @@ from typing import Callable
 
 from fclm.data.schema import image_size, resolve_image_path
 from fclm.data.templates import SEG_TOKEN
-from fclm.io import ErrorReport, iter_jsonl
+from fclm.io import ErrorReport, RecordError, iter_jsonl
 
 _REGION_RE = re.compile(r"<region\d*>")
 
@@ -72,30 +72,45 @@ def collect(paths: list[Path], *, tokenizer: str = "words", open_images: bool = 
     report = ErrorReport()
     stats: dict[str, TaskStats] = defaultdict(TaskStats)
     for path in paths:
-        for _, rec in iter_jsonl(path, report):
-            st = stats[str(rec.get("task"))]
-            st.records += 1
-            st.tokens.append(message_tokens(rec.get("messages", []), count))
-            size = None
-            if open_images:
-                try:
-                    size = image_size(resolve_image_path(str(rec.get("image")), path.parent))
-                except OSError:
-                    size = None
-            else:
-                for m in [r.get("mask") for r in rec.get("regions", [])] + [m for t in rec.get("targets", []) for m in t.get("masks", [])]:
-                    if isinstance(m, dict) and "size" in m:
-                        size = tuple(m["size"])
-                        break
-            if size is not None:
-                st.sizes[size] += 1
-            for t in rec.get("targets", []):
-                st.targets += 1
-                k = len(t.get("masks", []))
-                st.instances += k
-                st.empty_targets += k == 0
-            st.regions += len(rec.get("regions", []))
+        for lineno, rec in iter_jsonl(path, report):
+            try:
+                _add(stats, rec, count, path, open_images)
+            except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
+                report.add(RecordError(f"{path}:{lineno}", f"not a record this command can count ({type(e).__name__}: {str(e)[:200]})"))
     return dict(stats), report
+
+
+def _add(stats: dict[str, TaskStats], rec: dict, count: Callable[[str], int], path: Path, open_images: bool) -> None:
+    st = TaskStats()
+    st.records = 1
+    st.tokens.append(message_tokens(rec.get("messages", []), count))
+    size = None
+    if open_images:
+        try:
+            size = image_size(resolve_image_path(str(rec.get("image")), path.parent))
+        except Exception:  # OSError, or PIL's own errors (decompression bombs)
+            size = None
+    else:
+        for m in [r.get("mask") for r in rec.get("regions", [])] + [m for t in rec.get("targets", []) for m in t.get("masks", [])]:
+            if isinstance(m, dict) and isinstance(m.get("size"), list) and len(m["size"]) == 2 and all(isinstance(v, int) for v in m["size"]):
+                size = tuple(m["size"])
+                break
+    if size is not None:
+        st.sizes[size] += 1
+    for t in rec.get("targets", []):
+        st.targets += 1
+        k = len(t.get("masks", []))
+        st.instances += k
+        st.empty_targets += k == 0
+    st.regions += len(rec.get("regions", []))
+    total = stats[str(rec.get("task"))]  # counted only once the whole record was read
+    total.records += st.records
+    total.tokens += st.tokens
+    total.sizes.update(st.sizes)
+    total.targets += st.targets
+    total.empty_targets += st.empty_targets
+    total.instances += st.instances
+    total.regions += st.regions
 
 
 def format_table(stats: dict[str, TaskStats]) -> str:

@@ -1,6 +1,7 @@
 """``fclm-data validate FILE …``: check JSONL files against the record schema and the images on disk.
 
-Every line must be JSON, every record must pass :func:`fclm.data.schema.validate_record` (schema,
+Every line must be UTF-8 JSON (no lone surrogate escapes, nested at most ``fclm.io.MAX_JSON_DEPTH``
+levels), every record must pass :func:`fclm.data.schema.validate_record` (schema,
 ``[SEG]`` count = targets, placeholders = prompt regions, masks decode, sizes agree, boxes inside
 the image) and its image must exist and open (``--no-images`` skips that); ids must be unique in a
 file. Problems are printed with ``file:line``; the exit status is 1 when there is any.
@@ -35,7 +36,10 @@ def validate_files(paths: list[Path], *, check_images: bool = True, decode_masks
         for lineno, rec in iter_jsonl(path, report):
             n += 1
             where = f"{path}:{lineno}"
-            problems = validate_record(rec, where, image_root=path.parent, check_images=check_images, decode_masks=decode_masks)
+            try:
+                problems = validate_record(rec, where, image_root=path.parent, check_images=check_images, decode_masks=decode_masks)
+            except Exception as e:  # a safety net: the checker reports, never crashes on one record
+                problems = [f"{where}: the record cannot be checked ({type(e).__name__}: {str(e)[:200]})"]
             rid = rec.get("id")
             if isinstance(rid, str):
                 if rid in seen:

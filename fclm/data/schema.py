@@ -122,9 +122,15 @@ def target_entry(masks: Iterable[dict] = (), boxes: Iterable[Sequence[float]] = 
 
 
 def xywh_to_xyxy(box: Sequence[float]) -> list[float]:
-    """COCO ``[x, y, w, h]`` → ``[x1, y1, x2, y2]`` with ``x2 = x + w``."""
-    x, y, w, h = (float(v) for v in box)
-    return [x, y, x + w, y + h]
+    """COCO ``[x, y, w, h]`` → ``[x1, y1, x2, y2]`` with ``x2 = x + w``; ``ValueError`` unless 4 finite numbers."""
+    try:
+        x, y, w, h = (float(v) for v in box)
+    except OverflowError:
+        raise ValueError(f"box {box!r} is not finite") from None
+    out = [x, y, x + w, y + h]
+    if not all(math.isfinite(v) for v in out):
+        raise ValueError(f"box {[x, y, w, h]} is not finite")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -357,7 +363,7 @@ def _check_mask(name: str, m: Any, size: tuple[int, int] | None, decode: bool) -
         if not m:
             return [f"{name}: empty polygon list"]
         for k, poly in enumerate(m):
-            if not isinstance(poly, list) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in poly):
+            if not isinstance(poly, list) or not all(_finite_number(v) for v in poly):
                 return [f"{name}: polygon {k} must be a flat list of numbers"]
             if len(poly) < 6 or len(poly) % 2:
                 return [f"{name}: polygon {k} has {len(poly) / 2:g} points; at least 3 (x, y) pairs are needed"]
@@ -372,11 +378,21 @@ def _check_mask(name: str, m: Any, size: tuple[int, int] | None, decode: bool) -
     return [f"{name}: a mask must be an RLE object or a polygon list, got {type(m).__name__}"]
 
 
+def _finite_number(v: Any) -> bool:
+    """An int or float (not a bool) that is finite as a float (a 400-digit int is not: it overflows)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def _check_box(name: str, b: Any, size: tuple[int, int] | None) -> list[str]:
     if not (
         isinstance(b, (list, tuple))
         and len(b) == 4
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b)
+        and all(_finite_number(v) for v in b)
     ):
         return [f"{name} must be 4 finite numbers [x1, y1, x2, y2]"]
     x1, y1, x2, y2 = (float(v) for v in b)

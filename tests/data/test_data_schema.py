@@ -129,6 +129,29 @@ def test_placeholder_mapping():
     assert placeholder_region_indices({"messages": [{"role": "assistant", "content": "<region>"}], "regions": []}) == []
 
 
+@pytest.mark.parametrize("digit", ["\u0661", "\u06f1", "\u0967", "\uff11", "\U0001d7d9", "\u00b9"])
+def test_only_ascii_digits_number_a_region_placeholder(digit):
+    """``<region١>`` (Arabic-Indic one, Devanagari, fullwidth, mathematical, superscript …) is plain text,
+    not the first region: with ``\\d`` it was counted, and ``int()`` read it as 1."""
+    r = region_entry(rle(), [3, 2, 12, 9])
+    text = f"What is <region{digit}>?"
+    assert placeholder_region_indices({"messages": [{"role": "user", "content": text}], "regions": []}) == []
+    with pytest.raises(ValueError, match="no <region> placeholder"):
+        placeholder_region_indices({"messages": [{"role": "user", "content": text}], "regions": [r]})
+    rec = base(task="region_caption", messages=[{"role": "user", "content": text}, {"role": "assistant", "content": "x"}],
+               regions=[r], targets=[])
+    assert any("no <region> placeholder" in p for p in check_record(rec))
+    ok = base(task="region_caption", messages=[{"role": "user", "content": f"<region1> is not <region{digit}>"},
+                                               {"role": "assistant", "content": f"<region{digit}>"}], regions=[r], targets=[])
+    assert check_record(ok) == []  # and in an assistant turn it is no placeholder either
+
+
+def test_xywh_to_xyxy_refuses_non_finite_boxes():
+    for bad in ([float("nan"), 0, 1, 1], [0, 0, float("inf"), 1], [1e308, 0, 1e308, 1]):
+        with pytest.raises(ValueError, match="not finite"):
+            xywh_to_xyxy(bad)
+
+
 def test_constructors():
     assert xywh_to_xyxy([1, 2, 3, 4]) == [1.0, 2.0, 4.0, 6.0]
     with pytest.raises(ValueError, match="one box per mask"):

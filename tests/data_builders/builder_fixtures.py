@@ -110,3 +110,34 @@ def refer_fixture(root: Path, dataset: str = "refcoco", refs_name: str = "refs(u
         with open(folder / refs_name, "wb") as f:
             pickle.dump(refs, f, protocol=2)  # the official files were written by Python 2 (protocol <= 2)
     return {"images": {i["id"]: i for i in images}, "anns": {a["id"]: a for a in anns}, "refs": refs, "img_dir": img_dir}
+
+
+def run_cli_isolated(*argv: str, timeout: float = 30, extra_mb: int = 1024):
+    """``python -m data_builders ARGV`` in a child process with a memory cap and a timeout.
+
+    For inputs that once crashed the process (pycocotools on hostile masks), hung or allocated
+    gigabytes: a segfault, a hang or a runaway allocation fails the calling test instead of killing
+    pytest or the machine. Returns the ``CompletedProcess`` (text stdout/stderr)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import re, resource, sys
+        import data_builders.__main__ as cli
+        import numpy, pycocotools.mask, PIL.Image  # loaded before the cap is set
+        vm = int(re.search(r"VmSize:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + ({extra_mb} << 20), resource.RLIM_INFINITY))
+        sys.exit(cli.main({list(argv)!r}))
+        """
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    try:
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        import pytest
+
+        pytest.fail(f"fclm-data {' '.join(argv)} still running after {timeout} s")
