@@ -1,4 +1,8 @@
-"""``python -m data_builders <command> …`` (``fclm-data``): the builders' command line. See ``data_builders``."""
+"""``python -m data_builders <command> …`` (``fclm-data``): the builders' command line. See ``data_builders``.
+
+Options of the program (``-v``) go before or after the command. Every error is one line
+``fclm-data: error: …`` on stderr, exit code 2 (``validate`` exits 1 when it found problems).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+import typing
 
 from fclm.io import RecordError
 
@@ -26,12 +31,38 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+PROG = "fclm-data"
+
+EXAMPLES = f"""examples:
+  {PROG} synthetic --n 2000 --seed 0 --out data/shapesref          generate ShapesRef (every task)
+  {PROG} refcoco --dataset refcoco --split-by unc --root DATA/refcoco --out refcoco_unc.jsonl
+  {PROG} dlres --src dam_region_captions.jsonl --out dlres.jsonl --rewriter rule
+  {PROG} validate refcoco_unc.jsonl -v                             check against the schema and the images
+  {PROG} stats refcoco_unc.jsonl                                   counts, tokens, image sizes
+  {PROG} COMMAND --help                                            the options of one command"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors carry the program's one prefix (``fclm-data: error:``), also in subcommands."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+def _add_common(p: argparse.ArgumentParser, default: typing.Any) -> None:
+    """The program's own options; on each command too (default SUPPRESS there), so they go before or after it."""
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="log every skipped input as it happens")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fclm-data", description="Build, check and describe FCLM data files.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every skipped input as it happens")
+    parser = _Parser(prog=PROG, description="Build, check and describe FCLM data files.", epilog=EXAMPLES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(parser, False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_common(p, argparse.SUPPRESS)
         importlib.import_module(module).add_arguments(p)
     return parser
 
@@ -43,11 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = module.run(args)
     except RecordError as e:  # --strict, or an input the whole build depends on
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except OSError as e:
+        print(f"{PROG}: error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except ValueError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted", file=sys.stderr)
+        return 130
     if args.command == "validate":
         print(result.summary())
         return 1 if result.report.count else 0

@@ -6,22 +6,54 @@
         --model meta-llama/Meta-Llama-3.1-8B-Instruct --out runs/eval/dlc
     python -m eval dlc-bench --replay dam_3b_v1_eval.json --out runs/eval/dlc_replay
 
-Bad input ends with one line on stderr and exit code 2; a failing judge endpoint with exit code 1.
+Every error is one line ``fclm-eval: error: …`` on stderr (after argparse's usage line for a bad
+option): exit code 2 for bad input (naming file, line, id and mask), 1 for a failing judge endpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import typing
 from pathlib import Path
 from typing import Optional, Sequence
 
 from fclm.metrics import TASKS, EvalInputError, OpenAIChatJudge, dlc_bench, dlc_replay, score
+from fclm.metrics import io as metrics_io
 from fclm.metrics.dlc import DlcJudgeError
 from infer.__main__ import add_model_arguments
 
 PROG = "fclm-eval"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors carry the program's one prefix (``fclm-eval: error:``), also in subcommands."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+def _prediction_format() -> str:
+    """The prediction JSONL format, from :mod:`fclm.metrics.io`'s docstring (one source of truth)."""
+    doc = metrics_io.__doc__ or ""
+    start, end = doc.find("Predictions,"), doc.find("What loading guarantees")
+    text = doc[start:end].strip() if start >= 0 and end > start else ""
+    text = re.sub(r":\w+:`~?([^`]+)`", r"fclm.metrics.io.\1", text).replace("``", "").replace("::", ":")
+    return "prediction format (fclm.metrics.io):\n\n" + text
+
+
+SCORE_EXAMPLES = f"""examples:
+  {PROG} score --task res --gt refcoco_val.jsonl --pred preds.jsonl --out runs/eval/refcoco_val
+  {PROG} score --task gres --gt grefcoco_val.jsonl --pred preds.jsonl --out runs/eval/gres --plot
+  {PROG} score --task gcg --gt gcg_val.jsonl --pred preds.jsonl --out runs/eval/gcg --bert-model models/bert-base-uncased
+
+tasks (--task) and the official code each follows:
+{chr(10).join(f"  {name:9s} {spec.convention}" for name, spec in TASKS.items())}
+
+Bad input ends with one line '{PROG}: error: FILE:LINE (id …): …' and exit code 2."""
 
 
 def add_score_options(s: argparse.ArgumentParser) -> None:
@@ -32,24 +64,35 @@ def add_score_options(s: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Score FCLM predictions with each benchmark's official conventions.")
-    sub = p.add_subparsers(dest="command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
+    p = _Parser(prog=PROG, description="Score FCLM predictions with each benchmark's official conventions.",
+                epilog="examples:\n" + (__doc__ or "").split("\n", 1)[1].replace("python -m eval", PROG).replace("``", ""), formatter_class=raw)
+    sub = p.add_subparsers(dest="command", required=True, metavar="command")
 
-    r = sub.add_parser("run", help="answer a GT JSONL with a model (fclm-infer) and score it, in one command")
+    r = sub.add_parser("run", help="answer a GT JSONL with a model (fclm-infer) and score it, in one command",
+                       description="Answer a GT JSONL with a model (as fclm-infer) into OUT/predictions.jsonl, then score it.",
+                       epilog=f"example:\n  {PROG} run --model runs/stage2/export --task res --gt refcoco_val.jsonl --out runs/eval/refcoco_val",
+                       formatter_class=raw)
     r.add_argument("--task", required=True, choices=list(TASKS), help="which benchmark's metric to apply")
     r.add_argument("--gt", required=True, type=Path, help="GT JSONL (FCLM record schema)")
     r.add_argument("--out", required=True, type=Path, help="output folder: predictions.jsonl (resumable), per_sample.jsonl, summary.json, summary.md")
     add_model_arguments(r)
     add_score_options(r)
 
-    s = sub.add_parser("score", help="score a prediction JSONL against a GT JSONL")
+    s = sub.add_parser("score", help="score a prediction JSONL against a GT JSONL",
+                       description="Score a prediction JSONL against a GT JSONL (FCLM record schema) with the task's official conventions.\n\n" + _prediction_format(),
+                       epilog=SCORE_EXAMPLES, formatter_class=raw)
     s.add_argument("--task", required=True, choices=list(TASKS), help="which benchmark's metric to apply")
     s.add_argument("--gt", required=True, type=Path, help="GT JSONL (FCLM record schema)")
     s.add_argument("--pred", required=True, type=Path, help="prediction JSONL, one line per GT record")
     s.add_argument("--out", required=True, type=Path, help="output folder (per_sample.jsonl, summary.json, summary.md)")
     add_score_options(s)
 
-    d = sub.add_parser("dlc-bench", help="judge DLC-Bench captions through an OpenAI-compatible endpoint, or replay an eval cache")
+    d = sub.add_parser("dlc-bench", help="judge DLC-Bench captions through an OpenAI-compatible endpoint, or replay an eval cache",
+                       description="Judge DLC-Bench captions with an LLM through an OpenAI-compatible endpoint (resumable), or re-score a Describe Anything eval cache.",
+                       epilog=f"examples:\n  {PROG} dlc-bench --captions captions.json --bench DLC-bench --endpoint http://localhost:9000/v1 \\\n"
+                              f"      --model meta-llama/Meta-Llama-3.1-8B-Instruct --out runs/eval/dlc\n  {PROG} dlc-bench --replay dam_3b_v1_eval.json --out runs/eval/dlc_replay",
+                       formatter_class=raw)
     d.add_argument("--replay", type=Path, help="re-score a Describe Anything eval cache (*_eval.json) instead of judging")
     d.add_argument("--captions", type=Path, help="JSON {key: caption}")
     d.add_argument("--bench", type=Path, help="DLC-bench folder with qa.json and class_names.json")
@@ -130,11 +173,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except EvalInputError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. --out names a file, or a folder that cannot be written
+        print(f"{PROG}: error: {getattr(e, 'filename', None) or ''}{': ' if getattr(e, 'filename', None) else ''}{e.strerror or e}", file=sys.stderr)
+        return 2
     except DlcJudgeError as e:
-        print(f"{PROG}: judge error: {e} (answers so far are cached; re-run to resume)", file=sys.stderr)
+        print(f"{PROG}: error: judge: {e} (answers so far are cached; re-run to resume)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        print(f"{PROG}: error: interrupted", file=sys.stderr)
         return 130
 
 

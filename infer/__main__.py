@@ -99,7 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted (rerun the same command to resume)", file=sys.stderr)
+        print(f"{PROG}: error: interrupted (rerun the same command to resume)", file=sys.stderr)
         return 130
     n = sum(1 for line in args.out.open(encoding="utf-8") if line.strip()) if args.out.exists() else 0
     if distributed()[0] == 0:

@@ -389,6 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Ask a trained FCLM about an image: a conversation on stdin (/help lists its commands), "
                     "or one question with --prompt.",
+        epilog=f"""examples:
+  {PROG} --model runs/demo/stage2/export --image street.jpg          a conversation on stdin
+  {PROG} --model DIR --image street.jpg --prompt "What is <region>?" --box 10,20,200,240 \\
+      --out overlay.png --json answer.json                                one question, then exit
+
+A bad option or file ends with one line '{PROG}: error: …' and exit code 2.""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="exported model folder (fclm-train export)")
     p.add_argument("--image", help="image to start with (the conversation can change it with /image)")
@@ -496,7 +503,7 @@ def main(argv: Optional[Sequence[str]] = None, stdin: Optional[TextIO] = None, s
         print(f"{PROG}: error: {_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        print(f"{PROG}: error: interrupted", file=sys.stderr)
         return 130
 
 

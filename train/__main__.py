@@ -26,16 +26,178 @@ window's gradients into the next update.
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import inspect
 import logging
 import os
+import re
 import socket
 import sys
+import textwrap
+import types
+import typing
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 logger = logging.getLogger("fclm.train")
 
-USAGE = __doc__
+PROG = "fclm-train"
+USAGE = f"""usage: {PROG} CONFIG.yaml [key=value ...]
+       {PROG} cache-sam CONFIG.yaml [key=value ...]
+       {PROG} export CHECKPOINT --out DIR
+       {PROG} [cache-sam] --help"""
+
+EXAMPLES = f"""examples:
+  {PROG} train/configs/demo_stage1.yaml                         train stage 1 (tiny model, ShapesRef)
+  {PROG} train/configs/stage1.yaml data.batch_size=4 optim.lr=1e-4 max_steps=200
+  {PROG} train/configs/stage2.yaml init_from=runs/stage1/export  stage 2 from a stage-1 export
+  {PROG} cache-sam train/configs/stage1.yaml                    fill the SAM embedding cache first
+  {PROG} export runs/stage1 --out runs/stage1/export             newest checkpoint -> model folder
+  torchrun --nproc_per_node 4 -m train train/configs/stage1.yaml deepspeed=zero2"""
+
+
+def _error(message: str) -> int:
+    """One ``fclm-train: error: …`` line on stderr; exit status 2."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the program's one error prefix (``fclm-train: error:``) for every subcommand."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# --help: the config keys, read from the typed dataclasses (fclm/training/config.py, fclm/config.py).
+# --------------------------------------------------------------------------------------------------
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass ``cls`` (attribute docstrings, read from the source)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+_SENTENCE_END = re.compile(r"(?<!\be\.g)(?<!\bi\.e)(?<!\bEq)(?<!\bvs)\.\s")
+
+
+def _first_sentence(doc: str, limit: int = 110) -> str:
+    end = _SENTENCE_END.search(doc)
+    doc = doc if end is None else doc[: end.start() + 1]
+    return doc if len(doc) <= limit else doc[: limit - 1].rstrip() + "…"
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, tuple):
+        inner = ", ".join("…" if a is Ellipsis else _type_name(a) for a in args)
+        return f"list[{inner}]"
+    if origin is dict:
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _is_dataclass_type(tp: Any) -> type | None:
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return tp
+    for a in typing.get_args(tp):  # FCLMConfig | None
+        if dataclasses.is_dataclass(a) and isinstance(a, type):
+            return a
+    return None
+
+
+def _config_key_lines(cls: type, prefix: str, defaults: Any, per_stage: dict[int, Any] | None = None) -> list[str]:
+    """One line per key of dataclass ``cls`` (recursing into nested dataclasses), with type, default
+    (``per_stage``: the defaults of each stage, shown when they differ) and docstring."""
+    from fclm.config import PRESETS
+    from fclm.training.config import STAGE_LOSS_WEIGHTS, STAGE_POLICIES
+
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    lines: list[str] = []
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        tp = hints[f.name]
+        sub = _is_dataclass_type(tp)
+        value = getattr(defaults, f.name, None)
+        stages = {s: getattr(p, f.name) for s, p in per_stage.items()} if per_stage else None
+        if key == "trainability":
+            stages = dict(STAGE_POLICIES)
+        if sub is not None and typing.get_origin(tp) not in (list, tuple):
+            doc = docs.get(f.name) or (sub.__doc__ or "").strip().split("\n")[0]
+            lines.append(f"  {key}: {_first_sentence(doc)}")
+            if key == "model":
+                lines.append(f"  model.preset ({'|'.join(PRESETS)}; default null): start from this preset, then apply the model.* keys")
+            lines += _config_key_lines(sub, key + ".", value if dataclasses.is_dataclass(value) else sub(), stages)
+            continue
+        if key == "loss.weights":
+            stages = dict(STAGE_LOSS_WEIGHTS)
+        if stages and len({repr(v) for v in stages.values()}) > 1:
+            default = "; ".join(f"stage {s}: {_fmt(v)}" for s, v in stages.items())
+        else:
+            default = _fmt(value)
+        doc = _first_sentence(docs.get(f.name, ""))
+        lines.append(f"  {key} ({_type_name(tp)}; default {default})" + (f": {doc}" if doc else ""))
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list and typing.get_args(tp) else None
+        if item is not None and dataclasses.is_dataclass(item):
+            item_docs, item_hints = _field_docs(item), typing.get_type_hints(item)
+            for g in dataclasses.fields(item):
+                required = g.default is dataclasses.MISSING and g.default_factory is dataclasses.MISSING
+                idoc = _first_sentence(item_docs.get(g.name, ""))
+                lines.append(f"  {key}[].{g.name} ({_type_name(item_hints[g.name])}; {'required' if required else 'default ' + _fmt(g.default)})"
+                             + (f": {idoc}" if idoc else ""))
+    return lines
+
+
+def config_help() -> str:
+    """Every key of a training config (dotted, as ``key=value`` overrides take them) with its type,
+    default and the first sentence of its docstring, read from the dataclasses of
+    ``fclm/training/config.py`` and ``fclm/config.py`` (so it cannot go stale)."""
+    from fclm.training.config import TrainConfig
+
+    head = "config keys (in the YAML, or key=value after CONFIG.yaml; dots reach into sections):"
+    return "\n".join([head, *_config_key_lines(TrainConfig, "", TrainConfig())])
+
+
+def _help(cache_only: bool = False) -> str:
+    if cache_only:
+        usage = f"usage: {PROG} cache-sam CONFIG.yaml [key=value ...]"
+        what = "Fill the SAM embedding cache (sam_cache.dir) for a run's data, then exit; same CONFIG.yaml and overrides as the run."
+    else:
+        usage, what = USAGE, "Train FCLM from a YAML config, fill the SAM embedding cache, or export a checkpoint."
+    body = (__doc__ or "").strip().split("\n", 1)[1].strip()  # the module docstring without its title
+    return f"{usage}\n\n{what}\n\n{body}\n\n{EXAMPLES}\n\n{config_help()}\n"
 
 
 def _strip_launcher_args(argv: list[str]) -> list[str]:
@@ -120,14 +282,17 @@ def _train(argv: list[str], cache_only: bool = False) -> int:
     from fclm.config import ConfigError
     from fclm.training.config import load_train_config
 
+    if any(a in ("-h", "--help") for a in argv):
+        print(_help(cache_only))
+        return 0
     if not argv or argv[0].startswith("-"):
         print(USAGE, file=sys.stderr)
-        return 2
+        what = "cache-sam needs" if cache_only else "give"
+        return _error(f"{what} a CONFIG.yaml" + (f" (unknown option {argv[0]})" if argv else "") + f"; see {PROG} --help")
     try:
         cfg = load_train_config(argv[0], argv[1:])
     except ConfigError as e:
-        print(f"fclm-train: config error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e))
     accelerator = make_accelerator(cfg)
     _setup_logging(cfg.output_dir, accelerator.is_main_process)
     if cache_only:
@@ -145,7 +310,8 @@ def _train(argv: list[str], cache_only: bool = False) -> int:
 
 
 def _export(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fclm-train export", description="checkpoint → FCLM.from_pretrained directory")
+    parser = _Parser(prog=f"{PROG} export", description="checkpoint → FCLM.from_pretrained directory",
+                     epilog=f"example:\n  {PROG} export runs/stage1 --out runs/stage1/export", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a checkpoint folder (step-…), or a run's output_dir / checkpoints folder")
     parser.add_argument("--out", required=True, help="directory to write (replaced if it exists)")
     args = parser.parse_args(argv)
@@ -156,8 +322,7 @@ def _export(argv: list[str]) -> int:
     try:
         export_checkpoint(args.checkpoint, args.out)
     except CheckpointError as e:
-        print(f"fclm-train export: {e}", file=sys.stderr)
-        return 2
+        return _error(f"export: {e}")
     return 0
 
 
@@ -165,10 +330,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point (``fclm-train``); returns the exit status."""
     argv = _strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     if argv and argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(_help())
         return 0
     if argv and argv[0] == "export":
-        return _export(argv[1:])
+        try:
+            return _export(argv[1:])
+        except SystemExit as e:  # argparse: --help (0) or a usage error, already printed (2)
+            return e.code if isinstance(e.code, int) else 2
     if argv and argv[0] == "cache-sam":
         return _train(argv[1:], cache_only=True)
     return _train(argv)

@@ -1,4 +1,14 @@
-"""Generalized referring expression comprehension (gRefCOCO GREC)."""
+"""Generalized referring expression comprehension (gRefCOCO GREC).
+
+Number types, as in gRefCOCO ``mdetr/datasets/refexp.py`` (``RefExpEvaluator.summarize``): the model's
+scores are a float32 tensor, read with ``.tolist()`` and compared with the Python float 0.7, so a
+score is rounded to float32 before ``>= 0.7`` (:func:`fclm.metrics.io.as_float32`): a score written
+as exactly 0.7 is float32 0.699999988 and dropped there, and here. Boxes are float32 tensors and
+``generalized_box_iou`` runs in float32; the match test ``top_value < 0.5`` is decided on that
+float32 value, so the overlaps here are computed in float32 too, operation for operation
+(:func:`fclm.metrics.rle.generalized_box_iou_matrix` with ``dtype=np.float32``). ``f1score`` (IoU
+matching, not in the official code) follows the same rules.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +16,28 @@ import numpy as np
 
 from . import rle as R
 from .gres import gres_units
-from .io import EvalSet, PredSeg
+from .io import EvalSet, PredSeg, as_float32
 from .result import TaskResult
 
 GREC_SCORE_THRESHOLD = 0.7
 GREC_MATCH_THRESHOLD = 0.5
 GREC_F1_THRESHOLD = 1.0
+GREC_OVERLAP_DTYPE = np.float32
+"""Boxes and overlaps are float32, as the official evaluator's tensors."""
 
 
 def grec_pred_boxes(seg: PredSeg | None, score_threshold: float = GREC_SCORE_THRESHOLD) -> np.ndarray:
-    """The boxes a ``[SEG]`` keeps: instances with score ≥ 0.7, sorted by descending score (N×4).
+    """The boxes a ``[SEG]`` keeps: instances whose score, rounded to float32, is ≥ 0.7, sorted by
+    descending (float32) score (N×4).
 
     A missing or no-target ``[SEG]`` keeps none. A missing ``score`` counts as 1.0 (kept). Equal
-    scores keep instance order (stable sort; gRefCOCO sorts ``(score, box)`` tuples, which breaks ties
+    (float32) scores keep instance order (stable sort; gRefCOCO sorts ``(score, box)`` tuples, which breaks ties
     by box coordinates — irrelevant to F1 except in exact ties). An instance without ``box`` uses its
     mask's tight box.
     """
     if seg is None or seg.no_target:
         return np.zeros((0, 4))
-    kept = [(1.0 if i.score is None else i.score, j, i) for j, i in enumerate(seg.instances)]
+    kept = [(1.0 if i.score is None else as_float32(i.score), j, i) for j, i in enumerate(seg.instances)]
     kept = [x for x in kept if x[0] >= score_threshold]
     kept.sort(key=lambda x: (-x[0], x[1]))
     return np.asarray([i.box if i.box is not None else R.to_box(i.mask) for _, _, i in kept], dtype=np.float64).reshape(-1, 4)
@@ -67,9 +80,10 @@ def score_grec(es: EvalSet) -> TaskResult:
 
     * unit = GT target k with predicted ``[SEG]`` k (a record with no targets is one no-target unit);
       GT boxes are the target's boxes (or its instance masks' boxes); an empty target = no target;
-    * predicted boxes: see :func:`grec_pred_boxes` (score ≥ 0.7);
-    * matching: :func:`greedy_match_count` on the pairwise overlap, a pair counts if ≥ 0.5. The official
-      code matches on GIoU (``f1score_giou``); ``f1score`` is the same procedure on IoU;
+    * predicted boxes: see :func:`grec_pred_boxes` (float32 score ≥ 0.7);
+    * matching: :func:`greedy_match_count` on the pairwise overlap computed in float32, a pair counts
+      if ≥ 0.5. The official code matches on GIoU (``f1score_giou``); ``f1score`` is the same procedure
+      on IoU;
     * per unit F1 (:func:`grec_f1`); a unit is correct iff F1 ≥ 1.0; ``f1score*`` = share correct;
     * no-target GT: TP if no box survives else FN; target GT: TN if ≥ 1 box survives else FP;
       ``n_acc`` = TP / (TP + FN), ``t_acc`` = TN / (TN + FP) (keys left out, with a note, when a class
@@ -88,8 +102,8 @@ def score_grec(es: EvalSet) -> TaskResult:
             tp_iou = tp_giou = 0
         else:
             outcome = "TN" if num_pred >= 1 else "FP"
-            tp_iou = greedy_match_count(R.box_iou_matrix(boxes, gt_boxes))
-            tp_giou = greedy_match_count(R.generalized_box_iou_matrix(boxes, gt_boxes))
+            tp_iou = greedy_match_count(R.box_iou_matrix(boxes, gt_boxes, dtype=GREC_OVERLAP_DTYPE))
+            tp_giou = greedy_match_count(R.generalized_box_iou_matrix(boxes, gt_boxes, dtype=GREC_OVERLAP_DTYPE))
         nt[outcome] += 1
         f1_iou = grec_f1(num_pred, num_gt, tp_iou, gt_nt)
         f1_giou = grec_f1(num_pred, num_gt, tp_giou, gt_nt)

@@ -37,7 +37,12 @@ def score_gres(es: EvalSet) -> TaskResult:
 
     ``giou`` = mean IoU over all units; ``ciou`` = ΣI / ΣU; ``n_acc`` = TP / (TP + FN) over no-target
     units; ``t_acc`` = TN / (TN + FP) over target units; ``pr_07/08/09`` = share of target units with
-    IoU ≥ 0.7 / 0.8 / 0.9. (ReLA names the no-target hit "TP".) Where ReLA would divide by zero or
+    IoU ≥ 0.7 / 0.8 / 0.9. (ReLA names the no-target hit "TP".)
+
+    Number types as ReLA's: the IoU is ``float(I) / float(U)`` of integer pixel counts, in float64,
+    so ``7 / 10`` is exactly 0.7 and counts for Pr@0.7 in both. ReLA decides no-target by the argmax of
+    two float32 logits (a tie is a target); here ``exists`` < 0.5 is decided on its float32 value
+    (:attr:`fclm.metrics.io.PredSeg.no_target`), so 0.49999999999 (float32 0.5) predicts a target. Where ReLA would divide by zero or
     print a placeholder 0 (no no-target units → N-acc), the key is left out and a note says why;
     ReLA also prints 0 for T-acc when there are no no-target units, while here ``t_acc`` is reported
     whenever target units exist (it is well defined).

@@ -10,13 +10,28 @@ Predictions, one line per GT record::
                                                    "score": 0.93}], "exists": 0.97}]}
 
 one ``segs`` entry per predicted ``[SEG]``, in order; ``box``, ``score`` and ``exists`` are optional.
+``mask`` is COCO RLE ``{"size": [H, W], "counts": "…"}`` (compressed string, or a list of run lengths)
+at the image's size; ``box`` is absolute pixels ``[x1, y1, x2, y2]``; ``score`` ranks the instances
+of a ``[SEG]`` (REC takes the best, GREC keeps those ≥ 0.7; missing = 1.0); ``exists`` < 0.5 says the
+``[SEG]`` refers to nothing (no target). Numbers are compared as the official evaluators hold them:
+``score`` and ``exists`` as float32 (see :func:`as_float32`).
 
-What loading guarantees (every error names the file, line and id):
+What loading guarantees (every error is one line naming the file, line and id):
 
-* a malformed line → :class:`EvalInputError` naming ``file:line``;
+* a malformed line (bad JSON, invalid UTF-8, a lone surrogate escape, nesting deeper than
+  ``fclm.io.MAX_JSON_DEPTH``, a number Python cannot read) → :class:`EvalInputError` naming
+  ``file:line``. Such a line is fatal, in both files, rather than skipped: a skipped GT line would
+  silently change the score (its record would drop out of every mean), and a skipped prediction
+  line would be scored as an empty prediction without the file being fixed;
 * ids are compared as strings (``7`` and ``"7"`` are the same record);
 * duplicate ids (in either file) → error naming both lines;
-* a malformed RLE (bad size or counts, more foreground than H×W) → error naming the mask;
+* a malformed RLE → error naming the mask: a bad size (not two positive ints, more than
+  ``fclm.masks.MAX_MASK_PIXELS``), or counts that are not exactly a run-length string covering H×W
+  (checked for every mask of both files, vectorised, by :func:`fclm.metrics.rle.check_rles`: a string
+  missing its last characters would otherwise make pycocotools loop for ever or read past its end);
+* a GT polygon with a non-finite, huge or far-off coordinate → error naming the mask;
+* a ``score``, ``exists`` or box coordinate that is not a finite number (``NaN``, ``Infinity``,
+  ``1e400``) → error naming it;
 * prediction ids absent from the GT → one error listing them;
 * GT ids without a prediction → scored as an empty prediction (no ``[SEG]``, empty text) and counted;
 * every mask of a record (GT and prediction) must have the image's size; the size is read from the
@@ -30,15 +45,15 @@ What loading guarantees (every error names the file, line and id):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from fclm.io import RecordError, iter_jsonl
-from fclm.masks import _to_coco_rle, polygons_to_rle
+from fclm.masks import MAX_MASK_PIXELS, _to_coco_rle, polygons_to_rle
 
 from . import rle as R
 
@@ -49,6 +64,19 @@ _NO_BOXES.flags.writeable = False
 
 class EvalInputError(ValueError):
     """The inputs of a scoring run are unusable; the message says where and why (one line)."""
+
+
+NO_TARGET_THRESHOLD = 0.5
+"""A ``[SEG]`` with ``exists`` below this predicts no target."""
+
+
+def as_float32(v: float) -> float:
+    """``v`` rounded to float32, as a Python float: the value an official evaluator holding its model's
+    outputs in a float32 tensor compares. gRefCOCO's ``refexp.py`` takes ``scores.tolist()`` of a
+    float32 tensor and compares with the Python float 0.7, so a score of exactly 0.7 (float32
+    0.699999988…) is dropped; R-RefCOCO's ``exist_pred < 0.5`` compares a float32 tensor. Values a
+    float32 model wrote are unchanged; decimal values typed by hand may move by one float32 ulp."""
+    return float(np.float32(v))
 
 
 @dataclass
@@ -114,8 +142,10 @@ class PredSeg:
 
     @property
     def no_target(self) -> bool:
-        """True iff ``exists`` is given and < 0.5, or the ``[SEG]`` has no instances."""
-        return (self.exists is not None and self.exists < 0.5) or not self.instances
+        """True iff ``exists`` is given and < 0.5 as float32 (:func:`as_float32`; R-RefCOCO's
+        ``exist_pred < 0.5`` on a float32 tensor, ReLA's argmax of float32 logits, where a tie is a
+        target), or the ``[SEG]`` has no instances."""
+        return (self.exists is not None and as_float32(self.exists) < NO_TARGET_THRESHOLD) or not self.instances
 
     @property
     def target_mask(self) -> Optional[R.Rle]:
@@ -156,15 +186,39 @@ def _list_ids(ids: list[str]) -> str:
     return shown + (f" … and {len(ids) - MAX_LISTED} more" if len(ids) > MAX_LISTED else "")
 
 
+_LENIENT_SUFFIX = "; line skipped"
+
+
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """Every record of a JSONL file; the first bad line is fatal (see the module docstring)."""
     if not path.is_file():
         raise EvalInputError(f"{path}: no such file")
+    out: list[tuple[int, dict]] = []
     try:
-        return list(iter_jsonl(path))
+        for item in iter_jsonl(path):
+            out.append(item)
     except RecordError as e:
-        raise EvalInputError(str(e)) from None
+        problem = e.problem[: -len(_LENIENT_SUFFIX)] if e.problem.endswith(_LENIENT_SUFFIX) else e.problem
+        raise EvalInputError(f"{e.where}: {problem}") from None
     except UnicodeDecodeError as e:
         raise EvalInputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise EvalInputError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, RecursionError, MemoryError) as e:
+        # json's own limits that iter_jsonl does not turn into a RecordError (an integer of more than
+        # 4,300 digits is a plain ValueError): the line is the next non-blank one after the last read.
+        line = _next_nonblank_line(path, out[-1][0] if out else 0)
+        why = str(e).split(";")[0] if isinstance(e, ValueError) else type(e).__name__
+        raise EvalInputError(f"{path}:{line}: unreadable JSON ({why})") from None
+    return out
+
+
+def _next_nonblank_line(path: Path, after: int) -> int:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno > after and raw.strip():
+                return lineno
+    return after + 1
 
 
 def _record_id(obj: dict, where: str) -> str:
@@ -182,7 +236,7 @@ def _convert_rle(obj: Any, at: Callable[[], str]) -> R.Rle:
     ``at()`` names the mask in an error message (built only on error). Run-length consistency is
     checked afterwards for all masks at once (:func:`_check_areas`)."""
     size, counts = (obj.get("size"), obj.get("counts")) if type(obj) is dict else (None, None)
-    if type(counts) is str and type(size) is list and len(size) == 2 and type(size[0]) is int and type(size[1]) is int and size[0] > 0 and size[1] > 0 and counts.isascii():
+    if type(counts) is str and type(size) is list and len(size) == 2 and type(size[0]) is int and type(size[1]) is int and size[0] > 0 and size[1] > 0 and size[0] * size[1] <= MAX_MASK_PIXELS and counts.isascii():
         return {"size": size, "counts": counts.encode("ascii")}  # the common case, checked inline for speed
     try:
         coco = _to_coco_rle(obj)
@@ -192,17 +246,15 @@ def _convert_rle(obj: Any, at: Callable[[], str]) -> R.Rle:
 
 
 def _check_areas(rles: list[R.Rle], at: Callable[[int], str]) -> None:
-    """Area of every mask of a file, in a few pycocotools calls: a string with more foreground than
-    H×W is corrupt (pycocotools does not complain); each area is kept for the metrics (``R.area``).
-
-    Limit: a string cut short is read by pycocotools as if padded with background and passes. The
-    exact check (``fclm.masks.rle_run_lengths``, runs summing to H×W) costs ~30 µs a mask, which
-    would double the scoring time of a 5,000-sample benchmark, so it is left to the data validator."""
-    # pycocotools 2.0.x with numpy 2 overflows on lists of 256 or more RLEs: ask in chunks.
-    areas = [a for i in range(0, len(rles), 255) for a in mask_utils.area(rles[i : i + 255]).tolist()]
-    for n, (r, a) in enumerate(zip(rles, areas)):
-        if a > r["size"][0] * r["size"][1]:
-            raise EvalInputError(f"{at(n)}: corrupt RLE counts (area exceeds H*W)")
+    """The exact check of every mask of a file at once (:func:`fclm.metrics.rle.check_rles`: run
+    lengths non-negative and covering H×W, so pycocotools can neither loop for ever nor read past a
+    string); each mask's area is kept for the metrics (``R.area``). Runs before any pycocotools call
+    on these masks."""
+    try:
+        areas = R.check_rles(rles)
+    except R.RleError as e:
+        raise EvalInputError(f"{at(e.index)}: {e.problem}") from None
+    for r, a in zip(rles, areas.tolist()):
         r[R.AREA_KEY] = a
 
 
@@ -212,16 +264,36 @@ def _field(obj: dict, key: str, default: Any) -> Any:
     return default if v is None else v
 
 
+def _finite(v: Any) -> Optional[float]:
+    """``float(v)`` for a finite JSON number (not a bool), else None."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:  # an integer beyond the float range
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _short(obj: Any) -> str:
+    text = repr(obj)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _box(obj: Any, at: Callable[[], str]) -> list[float]:
-    if not (isinstance(obj, (list, tuple)) and len(obj) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in obj)):
-        raise EvalInputError(f"{at()}: a box must be [x1, y1, x2, y2] numbers, got {obj!r}")
-    return [float(v) for v in obj]
+    if not (isinstance(obj, (list, tuple)) and len(obj) == 4):
+        raise EvalInputError(f"{at()}: a box must be [x1, y1, x2, y2] numbers, got {_short(obj)}")
+    box = [_finite(v) for v in obj]
+    if any(v is None for v in box):
+        raise EvalInputError(f"{at()}: a box must be [x1, y1, x2, y2] finite numbers, got {_short(obj)}")
+    return box  # type: ignore[return-value]
 
 
 def _number(obj: Any, at: Callable[[], str]) -> float:
-    if not isinstance(obj, (int, float)) or isinstance(obj, bool):
-        raise EvalInputError(f"{at()}: expected a number, got {obj!r}")
-    return float(obj)
+    v = _finite(obj)
+    if v is None:
+        raise EvalInputError(f"{at()}: expected a finite number, got {_short(obj)}")
+    return v
 
 
 def _image_size(path: Path) -> Optional[tuple[int, int]]:
@@ -284,7 +356,7 @@ def _parse_gt(obj: dict, line: int, path_s: str, root: Path, rid: str, need_mask
             if isinstance(m, (list, tuple)):
                 try:
                     m = polygons_to_rle(m, size[0], size[1])
-                except (ValueError, TypeError) as e:
+                except (ValueError, TypeError, OverflowError) as e:
                     raise EvalInputError(f"{at(f': targets[{k}].masks[{j}]')}: bad polygon ({e})") from None
             r = _convert_rle(m, lambda: at(f": targets[{k}].masks[{j}]"))
             masks.append(r)

@@ -22,6 +22,9 @@ def score_refzom(es: EvalSet) -> TaskResult:
     * ``acc`` = share of zero sentences with an empty prediction (no predicted pixel);
     * one/many sentences: ``I``, ``U``; IoU = ``I / U`` (0 when ``U = 0``); ``miou`` = mean IoU,
       ``oiou`` = ΣI / ΣU over them.
+
+    Number types as RIS-DMMI's: numpy integer pixel counts, IoU in float64 (no threshold is reported);
+    a ``[SEG]``'s ``exists`` < 0.5 is decided on its float32 value, as every task here does.
     """
     res = TaskResult(hist_label="per-sentence IoU (one/many sentences)")
     accs, ious = [], []

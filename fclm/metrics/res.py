@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import rle as R
-from .io import EvalInputError, EvalSet, PredSeg
+from .io import EvalInputError, EvalSet, PredSeg, as_float32
 from .result import TaskResult
 
 LISA_IOU_EPS = 1e-5
@@ -18,6 +18,9 @@ LISA_IOU_EPS = 1e-5
 LISA_CIOU_EPS = 1e-10
 """LISA ``train_ds.py::validate``: ``iou_class = ΣI / (ΣU + 1e-10)``."""
 REC_IOU_THRESHOLD = 0.5
+REC_IOU_DTYPE = np.float32
+"""REC box IoU is computed as torchvision ``box_iou`` on float32 tensors (what torch-based REC
+evaluators, e.g. MDETR's ``refexp.py``, compare with 0.5), so ``≥ 0.5`` is decided on the float32 value."""
 
 
 def lisa_iou(inter: int, union: int) -> float:
@@ -87,7 +90,7 @@ def top_box(seg: PredSeg | None) -> list[float] | None:
 
 
 def _score(s: float | None) -> float:
-    return 1.0 if s is None else s
+    return 1.0 if s is None else as_float32(s)  # ranked as the float32 tensor the model's scores come in
 
 
 def score_rec(es: EvalSet) -> TaskResult:
@@ -96,7 +99,9 @@ def score_rec(es: EvalSet) -> TaskResult:
     Unit and missing-``[SEG]`` rules as :func:`score_res` (a missing or no-target ``[SEG]`` is a miss).
     The GT box is the target's single box, or the tight box of its mask when it has no box; a target
     with several boxes or none at all is an input error (REC refers to exactly one object).
-    Box IoU on absolute pixel xyxy boxes, no +1 (pycocotools / torchvision convention).
+    Box IoU on absolute pixel xyxy boxes, no +1 (pycocotools / torchvision convention), in float32
+    (:data:`REC_IOU_DTYPE`): a pair at IoU 0.5000000000000001 in float64 can be 0.49999997 there.
+    Scores are ranked as float32 (equal float32 scores: the first instance).
     When every GT target has a mask and every predicted instance has one, mask ``giou``/``ciou``
     are reported too, with :func:`score_res`'s conventions.
     """
@@ -116,7 +121,7 @@ def score_rec(es: EvalSet) -> TaskResult:
             else:
                 raise EvalInputError(f"{es.gt_path}:{gt.line} (id {gt.id!r}): REC target {k} has neither a box nor a mask")
             box = top_box(pred.seg(k))
-            iou = 0.0 if box is None else float(R.box_iou_matrix(np.asarray(box), gt_box)[0, 0])
+            iou = 0.0 if box is None else float(R.box_iou_matrix(np.asarray(box), gt_box, dtype=REC_IOU_DTYPE)[0, 0])
             hit = iou >= REC_IOU_THRESHOLD
             hits.append(hit)
             row = {"id": gt.id, "target": k, "box_iou": iou, "hit": hit, "pred_box": box}

@@ -23,6 +23,11 @@ def score_rrefcoco(es: EvalSet) -> TaskResult:
       its positives;
     * ``mrr``, ``riou``, ``miou`` = means over refs; ``oiou`` = ΣI / ΣU over all positive sentences
       (without the negatives' areas).
+    Number types: ``use_exist`` zeroes the output when ``exist_pred < 0.5`` on a float32 tensor, so
+    ``exists`` is compared as float32 here too (:attr:`fclm.metrics.io.PredSeg.no_target`). The official
+    code also accumulates ``I``, ``U`` and the per-sentence IoU in float32 tensors; here they are exact
+    integers and float64, which differs in the 7th significant digit at most and decides no threshold
+    (the official P@0.5…0.9 are not reported).
     A ref without negatives makes the official ``mrr_ref`` NaN (0/0) and one without positives its
     ``miou_ref`` NaN: such refs are left out of that mean (``riou`` follows ``miou``), and counted.
     """

@@ -32,9 +32,9 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     "res": TaskSpec(score_res, True, "RES gIoU/cIoU as LISA `train_ds.py::validate` (missing [SEG] = empty mask)."),
     "dlres": TaskSpec(score_res, True, "DL-RES gIoU/cIoU with RES's conventions (LISA `train_ds.py::validate`)."),
-    "rec": TaskSpec(score_rec, False, "REC Acc@0.5 of the top-scoring box (box IoU ≥ 0.5)."),
+    "rec": TaskSpec(score_rec, False, "REC Acc@0.5 of the top-scoring box (box IoU ≥ 0.5, in float32 as torchvision `box_iou`)."),
     "gres": TaskSpec(score_gres, True, "GRES as ReLA `gres_model/evaluation/refer_evaluation.py`."),
-    "grec": TaskSpec(score_grec, False, "GREC as gRefCOCO `mdetr/datasets/refexp.py` (score ≥ 0.7, match ≥ 0.5, F1 = 1)."),
+    "grec": TaskSpec(score_grec, False, "GREC as gRefCOCO `mdetr/datasets/refexp.py` (float32 score ≥ 0.7, float32 GIoU match ≥ 0.5, F1 = 1)."),
     "rrefcoco": TaskSpec(score_rrefcoco, True, "R-RefCOCO as robust-ref-seg `utils/validation.py::validate` (unit = meta.ref_id)."),
     "refzom": TaskSpec(score_refzom, True, "Ref-ZOM as RIS-DMMI `test.py::evaluate`."),
     "muse": TaskSpec(score_muse, True, "MUSE as PixelLM `train_ds.py::ar_validate` + `utils/matcher.py::match_pred` (all pixels, binary logits)."),
