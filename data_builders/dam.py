@@ -379,12 +379,20 @@ def _prepare_parts(opts: DamOptions, parts_dir: Path) -> None:
     write_json(fp_path, want)
 
 
-def _build_shard(opts: DamOptions, source: str, shard: Path, regions_src: Any, part: Path, part_report: Path, stamp: dict) -> tuple[int, ErrorReport]:
+def _build_shard(opts: DamOptions, source: str, shard: Path, regions_src: Any, part: Path, part_report: Path, stamp: dict,
+                 seen: dict[str, str]) -> tuple[int, ErrorReport]:
+    """Records of one shard into its part file. ``seen`` maps the source's sample keys already built to
+    their shard: a key seen before is reported and skipped (its image would overwrite the first one's and
+    its record ids would repeat)."""
     report = ErrorReport(strict=opts.strict)
     n = 0
     with atomic_write(part, "wb") as f:
         try:
             for key, files in iter_samples(shard, report, opts.max_member_bytes):
+                if key in seen:
+                    report.add(RecordError(f"{shard}[{key}]", f"sample key repeats one of {seen[key]}; this sample is skipped"))
+                    continue
+                seen[key] = shard.name
                 for line in _records_of_sample(opts, source, shard, key, files, regions_src, report):
                     f.write(line)
                     n += 1
@@ -450,6 +458,7 @@ def build(opts: DamOptions) -> BuildResult:
                 report.add(RecordError(str(ann_path), "expected an object {image_id: regions}; source skipped"))
                 continue
         shards = shards_of(folder)
+        seen: dict[str, str] = {}  # sample keys of this source already built, and their shard
         for shard, name in zip(shards, _part_names(folder, shards)):
             part = parts_dir / source / f"{name}.jsonl"
             part_report = parts_dir / source / f"{name}.report.json"
@@ -460,8 +469,11 @@ def build(opts: DamOptions) -> BuildResult:
                 n_resumed += 1
                 for where, problem in problems:
                     report.add(RecordError(where, problem))
+                for line in part.read_bytes().splitlines():  # its keys count as seen for the shards after it
+                    if line.strip():
+                        seen.setdefault(str(json.loads(line)["meta"]["sample_id"]), shard.name)
             else:
-                _, shard_report = _build_shard(opts, source, shard, regions_src, part, part_report, stamp)
+                _, shard_report = _build_shard(opts, source, shard, regions_src, part, part_report, stamp, seen)
                 for e in shard_report.problems:
                     report.add(e)
             parts.append(part)

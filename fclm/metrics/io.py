@@ -30,7 +30,7 @@ What loading guarantees (every error is one line naming the file, line and id):
   (checked for every mask of both files, vectorised, by :func:`fclm.metrics.rle.check_rles`: a string
   missing its last characters would otherwise make pycocotools loop for ever or read past its end);
 * a GT polygon with a non-finite, huge or far-off coordinate → error naming the mask;
-* a ``score``, ``exists`` or box coordinate that is not a finite number (``NaN``, ``Infinity``,
+* a ``score``, ``exists`` or box coordinate that is not a finite float32 number (``NaN``, ``Infinity``, ``1e308``,
   ``1e400``) → error naming it;
 * prediction ids absent from the GT → one error listing them;
 * GT ids without a prediction → scored as an empty prediction (no ``[SEG]``, empty text) and counted;
@@ -264,15 +264,19 @@ def _field(obj: dict, key: str, default: Any) -> Any:
     return default if v is None else v
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""Scores, boxes and ``exists`` are compared in float32 (the official code's dtype): larger magnitudes are refused."""
+
+
 def _finite(v: Any) -> Optional[float]:
-    """``float(v)`` for a finite JSON number (not a bool), else None."""
+    """``float(v)`` for a JSON number (not a bool) that is finite in float32, else None."""
     if not isinstance(v, (int, float)) or isinstance(v, bool):
         return None
     try:
         f = float(v)
     except OverflowError:  # an integer beyond the float range
         return None
-    return f if math.isfinite(f) else None
+    return f if math.isfinite(f) and abs(f) <= FLOAT32_MAX else None
 
 
 def _short(obj: Any) -> str:

@@ -101,6 +101,29 @@ def dam_source(root, key: str, caption: str, seed: int = 0, shard_name: str = "s
     (src / "annotations.json").write_text(json.dumps({key: pickle.loads(regions_pickle(caption=caption + " (json)"))}))
 
 
+def test_dam_skips_a_repeated_sample_key_and_keeps_the_first_image(tmp_path, capsys):
+    """A key seen before (in this shard, or an earlier shard of the source) would overwrite the first image
+    and repeat its record ids: it is reported and skipped (found by the fuzz suite)."""
+    src = tmp_path / "S"
+    src.mkdir()
+    with tarfile.open(src / "a.tar", "w") as tf:
+        for name, data in [("k.jpg", png_bytes(20, 30, 1)), ("k.pickle", regions_pickle(caption="first k")),
+                           ("z.jpg", png_bytes(20, 30, 2)), ("z.pickle", regions_pickle(caption="z")),
+                           ("k.jpg", png_bytes(20, 30, 3)), ("k.pickle", regions_pickle(caption="second k"))]:
+            add_file(tf, name, data)
+    with tarfile.open(src / "b.tar", "w") as tf:
+        add_file(tf, "z.jpg", png_bytes(20, 30, 4))
+        add_file(tf, "z.pickle", regions_pickle(caption="z again"))
+    out = tmp_path / "o.jsonl"
+    assert main(["dam", "--root", str(tmp_path), "--out", str(out)]) == 0
+    records = read_jsonl(out)
+    assert [(r["id"], r["messages"][1]["content"]) for r in records] == [("dam-S-k-0", "first k"), ("dam-S-z-0", "z")]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "o_images" / "S" / "k.jpg")),
+                          np.asarray(Image.open(io.BytesIO(png_bytes(20, 30, 1)))))
+    err = capsys.readouterr()
+    assert "2 problem" in err.out + err.err and "sample key repeats" in err.out + err.err
+
+
 def test_dam_does_not_resume_from_the_parts_of_other_inputs_or_options(tmp_path):
     dam_source(tmp_path / "A", "a1", "From A.")
     dam_source(tmp_path / "B", "b1", "From B.", seed=1)
