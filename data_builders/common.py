@@ -55,6 +55,8 @@ class ImageIndex:
         self.out_dir = Path(out_dir)
         self.check = check
         self._seen: dict[str, bool] = {}
+        self._sizes: dict[str, tuple[int, int] | None] = {}
+        self._paths: dict[str, Path] = {}  # record ``image`` field → the file under root it came from
 
     def field(self, rel: str, where: str) -> str:
         """The record's ``image`` for ``root/rel``; raises :class:`RecordError` if checked and missing."""
@@ -70,7 +72,29 @@ class ImageIndex:
                 self._seen[key] = ok
             if not ok:
                 raise RecordError(where, f"image not found: {short_repr(str(path), 300)}")
-        return relative_image_path(path, self.out_dir)
+        image = relative_image_path(path, self.out_dir)
+        self._paths[image] = path
+        return image
+
+    def check_hw(self, image: str, height: int, width: int, where: str) -> None:
+        """When checking: the file a record's ``image`` names must be ``height × width`` (the size its
+        masks are rasterised at); read from the file's header once per file. ``RecordError`` otherwise."""
+        if not self.check:
+            return
+        path = self._paths.get(image, self.out_dir / image)  # the output folder may not exist yet: no "out/.."
+        key = str(path)
+        if key not in self._sizes:
+            from fclm.data.schema import image_size
+
+            try:
+                self._sizes[key] = image_size(path)
+            except Exception:  # PIL raises OSError, ValueError, SyntaxError or DecompressionBombError on a bad header
+                self._sizes[key] = None
+        hw = self._sizes[key]
+        if hw is None:
+            raise RecordError(where, f"cannot read the size of image {short_repr(str(path), 300)}")
+        if hw != (height, width):
+            raise RecordError(where, f"the annotation says the image is {height}×{width} (H×W) but {short_repr(image, 200)} is {hw[0]}×{hw[1]}")
 
 
 def valid_id(v: Any) -> bool:

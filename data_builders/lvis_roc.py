@@ -110,6 +110,7 @@ def build(opts: LvisRocOptions) -> BuildResult:
                 rel = _image_rel(img)
                 image = index.field(rel, where)
                 h, w = image_hw(img.get("height"), img.get("width"))
+                index.check_hw(image, h, w, where)
             except RecordError as e:
                 report.add(e)
                 continue

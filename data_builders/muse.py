@@ -70,6 +70,7 @@ def build(opts: MuseOptions) -> BuildResult:
                     raise RecordError(where, f"expected an object, got {type(item).__name__}")
                 image = index.field(image_rel(item), where)
                 h, w = image_hw(item.get("height"), item.get("width"))
+                index.check_hw(image, h, w, where)
                 questions, answers = list(item["questions"]), list(item["answers"])
                 if len(questions) != len(answers):
                     raise RecordError(where, f"{len(questions)} question(s) but {len(answers)} answer list(s)")

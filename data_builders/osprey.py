@@ -83,6 +83,7 @@ def build(opts: OspreyOptions) -> BuildResult:
                     raise RecordError(where, "'file_name' must be a string")
                 image = _image(index, item["file_name"], where)
                 h, w = image_hw(item.get("height"), item.get("width"))
+                index.check_hw(image, h, w, where)
                 regions = []
                 for k, ann in enumerate(item["annotation"]):
                     try:

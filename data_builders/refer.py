@@ -198,6 +198,12 @@ def build_refer(opts: ReferOptions, variant: Variant) -> BuildResult:
             if img is None or type(img["id"]) is not type(ref["image_id"]):
                 raise RecordError(where, f"image {ref['image_id']} is not in {inst_path}")
             image = index.field(img["file_name"], where)
+            try:
+                hw = image_hw(img.get("height"), img.get("width"))
+            except ENTRY_ERRORS:
+                hw = None  # a bad size is reported with the annotation that needs it (instance_of)
+            if hw is not None:
+                index.check_hw(image, *hw, where)
             sentences = ref["sentences"]
             if not isinstance(sentences, list) or not sentences:
                 raise RecordError(where, "no sentences")

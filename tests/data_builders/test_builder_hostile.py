@@ -463,3 +463,21 @@ def test_osprey_image_name_too_long_and_descriptions_that_are_not_text(tmp_path,
     text = capsys.readouterr().out
     assert "3 problem(s)" in text and "[1]: image not found" in text and "[2]: 'description' must be a list of strings" in text
     assert "[3].description[0]: messages[1] (assistant) contains a <region> placeholder" in text
+
+
+def test_refcoco_reports_an_image_whose_file_has_another_size_than_stated(tmp_path, capsys):
+    """Masks are rasterised at the annotation's height/width: a file of another size would give records whose
+    masks do not fit their image (found by the long fuzz run; `fclm-data validate` then refused them)."""
+    root = tmp_path / "refer"
+    refer_fixture(root)
+    inst = root / "refcoco" / "instances.json"
+    data = json.loads(inst.read_text())
+    data["images"][0]["width"] = 61  # the file is 40×60
+    inst.write_text(json.dumps(data))
+    out = tmp_path / "o.jsonl"
+    assert main(["refcoco", "--root", str(root), "--dataset", "refcoco", "--split-by", "unc", "--out", str(out)]) == 0
+    err = capsys.readouterr()
+    assert "the annotation says the image is 40×61 (H×W)" in err.out + err.err
+    records = read_jsonl(out)
+    assert records and all("000000000001" not in r["image"] for r in records)  # the other image's records are kept
+    assert main(["validate", str(out)]) == 0
