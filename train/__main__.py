@@ -3,6 +3,8 @@
     fclm-train CONFIG.yaml [key=value …]             train (stage and everything else from the YAML)
     fclm-train cache-sam CONFIG.yaml [key=value …]   fill the SAM embedding cache for the run's data
     fclm-train export CKPT --out DIR                 checkpoint (or run folder) → FCLM.from_pretrained dir
+    fclm-train plan CONFIG.yaml [--gpus N] [--gpu-mem GiB] [key=value …]
+                                                     memory per GPU for each ZeRO set-up (docs/scale.md)
 
 Launchers (same arguments after the module name):
 
@@ -46,6 +48,7 @@ PROG = "fclm-train"
 USAGE = f"""usage: {PROG} CONFIG.yaml [key=value ...]
        {PROG} cache-sam CONFIG.yaml [key=value ...]
        {PROG} export CHECKPOINT --out DIR
+       {PROG} plan CONFIG.yaml [--gpus N] [--gpu-mem GiB] [--tokens T] [key=value ...]
        {PROG} [cache-sam] --help"""
 
 EXAMPLES = f"""examples:
@@ -54,6 +57,7 @@ EXAMPLES = f"""examples:
   {PROG} train/configs/stage2.yaml init_from=runs/stage1/export  stage 2 from a stage-1 export
   {PROG} cache-sam train/configs/stage1.yaml                    fill the SAM embedding cache first
   {PROG} export runs/stage1 --out runs/stage1/export             newest checkpoint -> model folder
+  {PROG} plan train/configs/stage1.yaml --gpus 8 --gpu-mem 80     memory plan per ZeRO set-up
   torchrun --nproc_per_node 4 -m train train/configs/stage1.yaml deepspeed=zero2"""
 
 
@@ -326,6 +330,50 @@ def _export(argv: list[str]) -> int:
     return 0
 
 
+def _plan(argv: list[str]) -> int:
+    parser = _Parser(
+        prog=f"{PROG} plan",
+        description="Memory per GPU of CONFIG.yaml's run for each ZeRO set-up (zero0, zero2, zero2_offload, zero3, "
+        "zero3_offload), from the model's parameter counts (built on the meta device: no weights needed), "
+        "DeepSpeed's estimators and the activations of the configured batch (fclm/training/plan.py, docs/scale.md).",
+        epilog=f"examples:\n  {PROG} plan train/configs/stage1.yaml --gpus 8\n"
+        f"  {PROG} plan train/configs/stage2.yaml model.preset=fclm-7b --gpu-mem 24   (no export yet: name the model)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", help="a training YAML")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, as for training")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs the run is spread over (default 1)")
+    parser.add_argument("--gpu-mem", type=float, default=None, help="memory of your GPU in GiB: adds a fit column")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens per sample (default: image tokens at model.backbone.max_pixels + 256)")
+    args = parser.parse_args(argv)
+    if args.gpus < 1:
+        parser.error("--gpus must be >= 1")
+    from fclm.config import ConfigError, FCLMConfig, from_dict
+    from fclm.training.config import EXPORT_CONFIG_NAME, load_train_config
+    from fclm.training.plan import count_parameters, format_plan, zero_plans
+
+    try:
+        cfg = load_train_config(args.config, args.overrides, check_files=False)
+        model_cfg = cfg.model
+        if model_cfg is None and cfg.init_from is not None and (Path(cfg.init_from) / EXPORT_CONFIG_NAME).is_file():
+            import json
+
+            payload = json.loads((Path(cfg.init_from) / EXPORT_CONFIG_NAME).read_text())
+            model_cfg = from_dict(FCLMConfig, payload["config"], prefix="init_from config")
+        if model_cfg is None:
+            raise ConfigError(f"init_from: {cfg.init_from} is not an export yet; name the model, e.g. model.preset=fclm-3b")
+        counts = count_parameters(model_cfg, cfg.trainability)
+        rows = zero_plans(cfg, model_cfg, gpus=args.gpus, tokens=args.tokens, counts=counts)
+    except (ConfigError, ValueError) as e:
+        return _error(f"plan: {e}")
+    title = (f"memory plan: {args.config} (stage {cfg.stage}, llm {cfg.trainability.llm}, LoRA r {cfg.trainability.lora.r}, "
+             f"batch {cfg.data.batch_size}/GPU, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, "
+             f"SAM cache {'on' if cfg.sam_cache.enabled else 'off'}), GiB per GPU on {args.gpus} GPU(s)")
+    print(format_plan(rows, counts, title=title, gpu_mem_gib=args.gpu_mem))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point (``fclm-train``); returns the exit status."""
     argv = _strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
@@ -335,6 +383,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "export":
         try:
             return _export(argv[1:])
+        except SystemExit as e:  # argparse: --help (0) or a usage error, already printed (2)
+            return e.code if isinstance(e.code, int) else 2
+    if argv and argv[0] == "plan":
+        try:
+            return _plan(argv[1:])
         except SystemExit as e:  # argparse: --help (0) or a usage error, already printed (2)
             return e.code if isinstance(e.code, int) else 2
     if argv and argv[0] == "cache-sam":

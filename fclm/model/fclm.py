@@ -39,7 +39,7 @@ from fclm.io import write_json
 from fclm.model.backbone import build_backbone
 from fclm.model.heads import HeadInputs, build_head
 from fclm.model.projectors import MLPProjector
-from fclm.model.region_extractor import HybridRegionExtractor, build_region_extractor
+from fclm.model.region_extractor import HybridRegionExtractor, build_region_extractor, with_legacy_position_branch
 from fclm.model.sam import SamBackend, build_sam
 
 logger = logging.getLogger(__name__)
@@ -241,11 +241,12 @@ class FCLM(nn.Module):
         )
         hidden = out.last_hidden_state
         outputs: dict[str, Any] = {"logits": qwen.lm_head(hidden)}
-        outputs.update(self._ground(batch, hidden, pre["image_embeddings"]))
+        outputs.update(self._ground(batch, hidden, pre["image_embeddings"], pre["images"].vision_grids))
         outputs.update(self._reconstruct(batch, pre))
         return outputs
 
-    def _ground(self, batch: dict, hidden: torch.Tensor, image_embeddings: torch.Tensor) -> dict[str, Any]:
+    def _ground(self, batch: dict, hidden: torch.Tensor, image_embeddings: torch.Tensor,
+                vision_grids: list[torch.Tensor] | None = None) -> dict[str, Any]:
         """``[SEG]`` hidden states of a teacher-forced forward → :meth:`ground`."""
         input_ids = batch["input_ids"]
         seg_positions = input_ids == self.token_ids["seg"]
@@ -261,6 +262,7 @@ class FCLM(nn.Module):
             routes=batch.get("heads"),
             text_states=text_states,
             text_padding_mask=text_padding,
+            vision_features=vision_grids,
         )
 
     def ground(
@@ -273,6 +275,7 @@ class FCLM(nn.Module):
         routes: list[str] | None = None,
         text_states: torch.Tensor | None = None,
         text_padding_mask: torch.Tensor | None = None,
+        vision_features: list[torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """``h[SEG]`` → seg projector → the head each sample routes to.
 
@@ -285,38 +288,23 @@ class FCLM(nn.Module):
             image_embeddings: B×C×h×w SAM image embeddings; valid_hw: B×2.
             routes: head name per sample (default ``config.heads.default``).
             text_states, text_padding_mask: N×T×D expression states and N×T padding mask, or None.
+            vision_features: B maps (gh×gw×D_vis) of the Qwen vision tower (``ImageFeatures.vision_grids``), or None.
         Returns:
             ``seg_hidden``, ``seg_embeddings``, ``seg_batch_index`` and ``heads``:
             ``{name: {"query_index": n, "pred_*": …}}``.
         """
-        seg_embeddings = self.seg_projector(seg_hidden)
-        result: dict[str, Any] = {
-            "seg_hidden": seg_hidden,
-            "seg_embeddings": seg_embeddings,
-            "seg_batch_index": seg_batch_index,
-            "heads": {},
-        }
-        if seg_hidden.shape[0] == 0:
-            return result
-        if routes is None:
-            routes = [self.config.heads.default] * image_embeddings.shape[0]
-        seg_routes = [routes[i] for i in seg_batch_index.tolist()]
-        for name in sorted(set(seg_routes)):
-            if name not in self.heads:
-                raise ValueError(f"a sample routes [SEG] to head {name!r}, but the model has {sorted(self.heads)}")
-            query_index = torch.tensor([i for i, r in enumerate(seg_routes) if r == name], device=seg_hidden.device)
-            head_inputs = HeadInputs(
-                image_embeddings=image_embeddings,
-                seg_embeddings=seg_embeddings[query_index],
-                seg_hidden=seg_hidden[query_index],
-                seg_batch_index=seg_batch_index[query_index],
-                text_states=None if text_states is None else text_states[query_index],
-                text_padding_mask=None if text_padding_mask is None else text_padding_mask[query_index],
-                valid_hw=valid_hw,
-            )
-            preds = self.heads[name](head_inputs)
-            result["heads"][name] = {"query_index": query_index, **preds}
-        return result
+        return route_to_heads(
+            self.heads,
+            seg_embeddings=self.seg_projector(seg_hidden),
+            seg_hidden=seg_hidden,
+            seg_batch_index=seg_batch_index,
+            image_embeddings=image_embeddings,
+            valid_hw=valid_hw,
+            routes=routes if routes is not None else [self.config.heads.default] * image_embeddings.shape[0],
+            text_states=text_states,
+            text_padding_mask=text_padding_mask,
+            vision_features=vision_features,
+        )
 
     def _expression_states(
         self, batch: dict, hidden: torch.Tensor, seg_positions: torch.Tensor
@@ -424,7 +412,7 @@ class FCLM(nn.Module):
         if not config_file.is_file():
             raise FileNotFoundError(f"{directory} is not an FCLM model directory: {CONFIG_NAME} is missing")
         payload = json.loads(config_file.read_text())
-        config = from_dict(FCLMConfig, payload["config"], prefix="config")
+        config = from_dict(FCLMConfig, with_legacy_position_branch(payload["config"]), prefix="config")
         processor = FCLMProcessor.from_pretrained(directory)
         model = _assemble(config, processor, backbone_path=directory / BACKBONE_DIR, load_sam_checkpoint=False)
         state = load_file(str(directory / MODULES_NAME))
@@ -435,6 +423,52 @@ class FCLM(nn.Module):
                 f"{directory / MODULES_NAME} does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
         return model
+
+
+def route_to_heads(
+    heads: nn.ModuleDict,
+    *,
+    seg_embeddings: torch.Tensor,
+    seg_hidden: torch.Tensor,
+    seg_batch_index: torch.Tensor,
+    image_embeddings: torch.Tensor,
+    valid_hw: torch.Tensor,
+    routes: list[str],
+    text_states: torch.Tensor | None = None,
+    text_padding_mask: torch.Tensor | None = None,
+    vision_features: list[torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Send each query to the head its sample routes to (``routes``: one head name per image).
+
+    Returns ``seg_hidden``, ``seg_embeddings``, ``seg_batch_index`` and ``heads``:
+    ``{name: {"query_index": n, "pred_*": …}}`` (only heads that received queries). Shared by
+    :class:`FCLM` and the head specialist (:mod:`fclm.model.specialist`).
+    """
+    result: dict[str, Any] = {
+        "seg_hidden": seg_hidden,
+        "seg_embeddings": seg_embeddings,
+        "seg_batch_index": seg_batch_index,
+        "heads": {},
+    }
+    if seg_hidden.shape[0] == 0:
+        return result
+    seg_routes = [routes[i] for i in seg_batch_index.tolist()]
+    for name in sorted(set(seg_routes)):
+        if name not in heads:
+            raise ValueError(f"a sample routes [SEG] to head {name!r}, but the model has {sorted(heads)}")
+        query_index = torch.tensor([i for i, r in enumerate(seg_routes) if r == name], device=seg_hidden.device)
+        head_inputs = HeadInputs(
+            image_embeddings=image_embeddings,
+            seg_embeddings=seg_embeddings[query_index],
+            seg_hidden=seg_hidden[query_index],
+            seg_batch_index=seg_batch_index[query_index],
+            text_states=None if text_states is None else text_states[query_index],
+            text_padding_mask=None if text_padding_mask is None else text_padding_mask[query_index],
+            valid_hw=valid_hw,
+            vision_features=vision_features,
+        )
+        result["heads"][name] = {"query_index": query_index, **heads[name](head_inputs)}
+    return result
 
 
 def gather_expression_states(

@@ -104,7 +104,8 @@ class SamBackend(nn.Module):
         return self
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """SAM-preprocessed images → image embeddings, without autograd (the encoder is frozen).
+        """SAM-preprocessed images → image embeddings; without autograd unless the encoder is being trained
+        (some of its parameters require gradients, ``trainability.sam_image_encoder: full``).
 
         Arguments:
           images: (B,3,S,S) normalised with SAM's pixel mean/std and padded bottom/right to S × S.
@@ -114,7 +115,8 @@ class SamBackend(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(f"SamBackend.encode expects images of shape (B,3,{self.img_size},{self.img_size}), got {tuple(images.shape)}")
         dtype = self.image_encoder.patch_embed.proj.weight.dtype
-        with torch.no_grad():
+        trained = torch.is_grad_enabled() and any(p.requires_grad for p in self.image_encoder.parameters())
+        with torch.set_grad_enabled(trained):
             return self.image_encoder(images.to(dtype))
 
     def decode(self, image_embeddings: torch.Tensor, sparse_prompt_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -352,20 +354,26 @@ def build_sam(cfg: SamConfig) -> SamBackend:
     mask_in_chans 16, IoU head depth 3) with every size taken from the config.
     """
     emb = cfg.embedding_size
-    image_encoder = ImageEncoderViT(
-        depth=cfg.encoder_depth,
-        embed_dim=cfg.encoder_embed_dim,
-        img_size=cfg.img_size,
-        mlp_ratio=4,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        num_heads=cfg.encoder_num_heads,
-        patch_size=cfg.patch_size,
-        qkv_bias=True,
-        use_rel_pos=cfg.use_rel_pos,
-        global_attn_indexes=tuple(cfg.encoder_global_attn_indexes),
-        window_size=cfg.encoder_window_size,
-        out_chans=cfg.prompt_embed_dim,
-    )
+    previous = torch.get_default_dtype()
+    # Built directly in its dtype (``sam.encoder_dtype``): no float32 copy of a 2.5 GB ViT-H on the way.
+    torch.set_default_dtype(getattr(torch, cfg.encoder_dtype))
+    try:
+        image_encoder = ImageEncoderViT(
+            depth=cfg.encoder_depth,
+            embed_dim=cfg.encoder_embed_dim,
+            img_size=cfg.img_size,
+            mlp_ratio=4,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            num_heads=cfg.encoder_num_heads,
+            patch_size=cfg.patch_size,
+            qkv_bias=True,
+            use_rel_pos=cfg.use_rel_pos,
+            global_attn_indexes=tuple(cfg.encoder_global_attn_indexes),
+            window_size=cfg.encoder_window_size,
+            out_chans=cfg.prompt_embed_dim,
+        )
+    finally:
+        torch.set_default_dtype(previous)
     prompt_encoder = PromptEncoder(
         embed_dim=cfg.prompt_embed_dim,
         image_embedding_size=(emb, emb),

@@ -18,6 +18,7 @@ anything heavy is imported or built.
 from __future__ import annotations
 
 import copy
+import json
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +78,11 @@ class TrainabilityPolicy:
     lm_head: Literal["rows", "full"] = "rows"
     """With ``llm: lora``: ``rows`` trains only the new tokens' rows of ``lm_head`` (with ``new_token_rows``);
     ``full`` trains the whole output layer, as LISA does (``lm_head`` in its trainable modules). A random
-    tiny backbone needs ``full`` to learn its answers in minutes; the input embeddings stay LoRA-only."""
+    tiny backbone needs ``full`` to learn its answers in minutes; the input embeddings follow ``embed_tokens``."""
+    embed_tokens: Literal["rows", "full"] = "rows"
+    """With ``llm: lora``: ``rows`` trains only the new tokens' rows of the input embeddings (with
+    ``new_token_rows``); ``full`` trains every row, so the words of an expression can move ``h[SEG]``
+    (a random tiny backbone; docs/benchmarks.md, "Demo")."""
     region_extractor: PartMode = "full"
     """The Hybrid Region Extractor."""
     projectors: PartMode = "full"
@@ -211,6 +216,27 @@ class LoggingConfig:
 
 
 @dataclass
+class ReconWarmupConfig:
+    """Self-reconstruction steps run before the main steps, without the LLM (:mod:`fclm.training.warmup`):
+    the position branch, pos projector and SAM decoder learn to decode ``<pos>`` back into its region."""
+
+    steps: int = 0
+    """Warm-up steps (0: none). Skipped when the run resumes from a checkpoint."""
+    batch_size: int = 32
+    """Regions per warm-up step."""
+    lr: float | None = None
+    """Learning rate (``None``: ``optim.lr``); linear ramp over the first 5 % of the steps, then constant."""
+    max_regions: int = 4000
+    """Regions collected (and SAM-encoded) once from the run's files, the first ones of each file in turn."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.max_regions < 1:
+            raise ValueError("recon_warmup: need steps >= 0, batch_size >= 1, max_regions >= 1")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError("recon_warmup.lr must be > 0")
+
+
+@dataclass
 class SamCacheConfig:
     """On-disk cache of SAM image-encoder embeddings (the encoder is frozen in both stages)."""
 
@@ -252,13 +278,19 @@ class TrainConfig:
     """torch intra-op threads when training on CPU (``None``: torch's default). On a CPU shared with
     other jobs, 1 thread was ~15× faster than 2 here (OpenMP threads spin-wait for each other)."""
     gradient_checkpointing: bool = False
-    """Recompute the LLM's activations in backward (large models)."""
+    """Recompute activations in backward, per decoder layer of the LLM and per block of the vision tower
+    (large models; the shipped 3B/7B configs turn it on; ``docs/scale.md`` has the time and memory)."""
+    compile: bool = False
+    """``torch.compile`` each decoder layer of the LLM (regional compilation: one compiled layer reused by
+    all); needs a working inductor back end (a C++ compiler on CPU, triton on GPU)."""
     max_skipped_steps: int = 10
     """NaN/inf guard: a micro-batch whose loss is not finite on any process is skipped; the run stops
     with an error once this many have been skipped."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sam_cache: SamCacheConfig = field(default_factory=SamCacheConfig)
+    recon_warmup: ReconWarmupConfig = field(default_factory=ReconWarmupConfig)
+    """Self-reconstruction warm-up before the main steps (stage 1; off by default)."""
     export_at_end: bool = True
     """Write ``<output_dir>/export`` (merged LoRA, loadable with ``FCLM.from_pretrained``) after the last step."""
 
@@ -326,13 +358,35 @@ def _check_files(cfg: TrainConfig) -> None:
             raise ConfigError(
                 "loss.self_recon_source: decoding <mask> needs model.decode_mask_tokens=true"
             )
-    from fclm.losses import LOSS_NAMES
-
-    unknown = [k for k in weights if k not in LOSS_NAMES]
-    if unknown:
-        raise ConfigError(f"loss.weights: unknown loss name(s) {', '.join('loss.weights.' + k for k in unknown)} (known: {', '.join(LOSS_NAMES)})")
     if any(v < 0 for v in weights.values()):
         raise ConfigError(f"loss.weights: weights must be >= 0, got {weights}")
+
+
+def enabled_heads(cfg: TrainConfig) -> tuple[str, ...]:
+    """The heads the run's model routes to: ``model.heads.enabled``, or the ``init_from`` export's."""
+    if cfg.model is not None:
+        return tuple(cfg.model.heads.enabled)
+    if cfg.init_from is not None:
+        marker = Path(cfg.init_from) / EXPORT_CONFIG_NAME
+        if marker.is_file():
+            try:
+                heads = json.loads(marker.read_text())["config"].get("heads") or {}
+                return tuple(heads.get("enabled") or ("sam",))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ConfigError(f"init_from: {marker} is not a readable FCLM config ({e})") from None
+    return ("sam",)
+
+
+def loss_names(heads: Sequence[str]) -> tuple[str, ...]:
+    """Every loss name a model routing to ``heads`` produces (the model-wide ones and the heads' declared ones)."""
+    from fclm.losses import CORE_LOSS_NAMES
+    from fclm.model.heads import head_loss_weights
+
+    try:
+        declared = head_loss_weights(heads)
+    except ValueError as e:
+        raise ConfigError(f"model.heads.enabled: {e}") from None
+    return (CORE_LOSS_NAMES[0], *declared, *CORE_LOSS_NAMES[1:])
 
 
 def train_config_from_dict(data: dict, *, check_files: bool = True) -> TrainConfig:
@@ -364,9 +418,20 @@ def train_config_from_dict(data: dict, *, check_files: bool = True) -> TrainConf
     weights = loss.get("weights") or {}
     if not isinstance(weights, dict):
         raise ConfigError(f"loss.weights: expected a mapping, got {type(weights).__name__}")
-    data["loss"] = {**loss, "weights": {**STAGE_LOSS_WEIGHTS[stage], **weights}}
+    data["loss"] = {**loss, "weights": dict(weights)}
     policy = data.pop("trainability", None) or {}
     cfg = from_dict(TrainConfig, data)
+    # Stage defaults fill in the names the routed heads declare (a user's value wins); the defaults of
+    # heads the model does not route to are left out rather than reported as unknown.
+    heads = enabled_heads(cfg)
+    known = loss_names(heads)
+    unknown = [k for k in cfg.loss.weights if k not in known]
+    if unknown:
+        raise ConfigError(
+            f"loss.weights: unknown loss name(s) {', '.join('loss.weights.' + k for k in unknown)}: neither the model "
+            f"nor a routed head (heads.enabled: {', '.join(heads)}) declares them (known: {', '.join(known)})"
+        )
+    cfg.loss.weights = {**{k: v for k, v in STAGE_LOSS_WEIGHTS[stage].items() if k in known}, **cfg.loss.weights}
     cfg.trainability = from_dict(TrainabilityPolicy, policy, prefix="trainability", base=copy.deepcopy(STAGE_POLICIES[stage]))
     if cfg.data.root is not None:
         for src in cfg.data.train:
@@ -406,6 +471,7 @@ __all__ = [
     "CheckpointConfig",
     "LoggingConfig",
     "SamCacheConfig",
+    "ReconWarmupConfig",
     "TrainabilityPolicy",
     "LoraOptions",
     "STAGE_POLICIES",

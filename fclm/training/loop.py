@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from fclm.training.building import build_model, weights_fingerprint
+from fclm.training.building import build_model, prepare_for_training, weights_fingerprint
 from fclm.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fclm.training.config import TrainConfig, resolve_deepspeed, train_config_to_dict
 from fclm.training.sam_cache import SamEmbeddingCache, encoder_fingerprint, open_cache_for
@@ -196,11 +196,18 @@ def _all_finite(value: torch.Tensor, accelerator: Any) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
+def build_criterion(loss_cfg: Any, model_cfg: Any) -> Any:
+    """:class:`~fclm.losses.FCLMCriterion` over the criteria registered with the model's enabled heads."""
+    from fclm.losses import FCLMCriterion
+    from fclm.model.heads import build_head_criterion
+
+    heads = {name: build_head_criterion(name, cfg=model_cfg) for name in model_cfg.heads.enabled}
+    return FCLMCriterion(loss_cfg, heads)
+
+
 def setup(cfg: TrainConfig, accelerator: Any) -> TrainContext:
     """Build the model, apply the trainability policy, data, optimizer; prepare; resume if asked."""
     from accelerate.utils import set_seed
-
-    from fclm.losses import FCLMCriterion
 
     if accelerator.device.type == "cpu":
         torch.set_flush_denormal(True)  # ENVIRONMENT.md: denormals made CPU steps 3–17× slower
@@ -214,13 +221,15 @@ def setup(cfg: TrainConfig, accelerator: Any) -> TrainContext:
     with _zero3_init_scope(accelerator):
         model = build_model(cfg)
         n_trainable = apply_trainability(model, cfg.trainability)
-    if cfg.gradient_checkpointing:
-        model.qwen.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    random_init = cfg.init_from is None and cfg.model is not None and cfg.model.backbone.name_or_path is None
+    prepare_for_training(model, cfg)  # gradient checkpointing, torch.compile
+    random_init = cfg.init_from is None and cfg.model is not None and (
+        cfg.model.backbone.name_or_path is None or cfg.model.backbone.random_init)
     frozen_fp = weights_fingerprint(model) if random_init else None
-    criterion = FCLMCriterion(cfg.loss)
+    criterion = build_criterion(cfg.loss, model.config)  # the export's config for init_from runs
     # Fingerprint the SAM encoder while its weights are whole (before DeepSpeed partitions / converts them).
     sam_fingerprint = encoder_fingerprint(model.sam.image_encoder) if cfg.sam_cache.enabled else None
+    if cfg.recon_warmup.steps and not _will_resume(cfg):
+        _recon_warmup(cfg, accelerator, model, criterion, sam_fingerprint)
     sampler, loader = build_data(cfg, model.processor, rank=accelerator.process_index, world_size=accelerator.num_processes)
     ds_config = deepspeed_config(cfg)
     optimizer, scheduler = build_optimizer(cfg, model, ds_config)
@@ -267,6 +276,30 @@ def setup(cfg: TrainConfig, accelerator: Any) -> TrainContext:
         run_config=train_config_to_dict(cfg),
     )
     return TrainContext(cfg, accelerator, model, criterion, optimizer, scheduler, sampler, loader, tracker, cache, n_trainable, state)
+
+
+def _will_resume(cfg: TrainConfig) -> bool:
+    resume = cfg.checkpoint.resume
+    return (latest_checkpoint(cfg.checkpoint_dir) is not None) if resume == "auto" else resume != "never"
+
+
+def _recon_warmup(cfg: TrainConfig, accelerator: Any, model: nn.Module, criterion: Any, sam_fingerprint: str | None) -> None:
+    """:func:`fclm.training.warmup.reconstruction_warmup` before the model is wrapped (on the run's device
+    without DeepSpeed; on the CPU under DeepSpeed), through the SAM embedding cache when the run has one."""
+    from fclm.training.warmup import reconstruction_warmup
+
+    device = accelerator.device if cfg.deepspeed is None else torch.device("cpu")
+    model.to(device)
+    cache = open_cache_for(model, cfg.sam_cache.dir, fingerprint=sam_fingerprint) if sam_fingerprint and cfg.deepspeed is None else None
+
+    def encode(batch: dict) -> torch.Tensor:
+        batch = move_to_device(batch, device)
+        if cache is not None:
+            return cache.fill_batch(batch, model.sam.encode, crops=False)["sam_image_embeddings"]
+        with torch.no_grad():
+            return model.sam.encode(batch["sam_images"])
+
+    reconstruction_warmup(model, cfg, encode=encode, criterion=criterion)
 
 
 def _checkpoint(ctx: TrainContext, consumed: int) -> str:

@@ -11,6 +11,8 @@ part                          modules                                     modes
                               ``backbone.lm_head``
 ``new_token_rows``            rows of ``<mask>``, ``<pos>``, ``[SEG]`` in  on / off
                               the input embeddings and ``lm_head``
+                              (with ``llm: lora``, ``lm_head: full`` /
+                              ``embed_tokens: full`` train that whole matrix)
 ``region_extractor``          ``region_extractor``                        frozen / full
 ``projectors``                ``seg_projector``, ``pos_projector``,       frozen / full
                               ``mask_projector``
@@ -63,10 +65,13 @@ def lora_target_regex(target_modules: tuple[str, ...]) -> str:
 
 def has_lora(model: nn.Module) -> bool:
     """Whether ``model.backbone`` carries peft adapters (LoRA or trainable token rows)."""
-    return hasattr(model.backbone, "peft_config")
+    return hasattr(getattr(model, "backbone", None), "peft_config")
 
 
 def _part_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
+    custom = getattr(model, "trainable_parts", None)
+    if custom is not None:  # a model without the Qwen backbone (fclm.model.specialist) names its own parts
+        return {part: list(custom().get(part, [])) for part in PART_ORDER}
     qwen = model.qwen
     projectors = [m for m in (model.seg_projector, model.pos_projector, getattr(model, "mask_projector", None)) if m is not None]
     return {
@@ -106,6 +111,11 @@ def add_adapters(model: nn.Module, policy: TrainabilityPolicy) -> None:
     """
     want_lora = policy.llm == "lora"
     want_rows = policy.new_token_rows and policy.llm != "full"
+    if not hasattr(model, "backbone"):  # a head specialist: its "llm" part is a small text encoder
+        if want_lora:
+            raise ValueError("trainability.llm: lora needs the Qwen backbone; a head specialist's text encoder is "
+                             "trained full or frozen")
+        return
     if has_lora(model) or not (want_lora or want_rows):
         return
     from peft import LoraConfig, TrainableTokensConfig, get_peft_model
@@ -113,7 +123,13 @@ def add_adapters(model: nn.Module, policy: TrainabilityPolicy) -> None:
     ids = new_token_ids(model)
     # lm_head is untied in FCLM's backbones; when tied, peft shares the embedding's adapter with it.
     tied = getattr(model.qwen.config, "tie_word_embeddings", False)
-    row_modules = ["embed_tokens"] if tied or policy.lm_head == "full" else ["embed_tokens", "lm_head"]
+    embed_full = policy.llm == "lora" and policy.embed_tokens == "full"
+    row_modules = [] if embed_full else ["embed_tokens"]
+    if not (tied or policy.lm_head == "full"):
+        row_modules.append("lm_head")
+    want_rows = want_rows and bool(row_modules)
+    if not (want_lora or want_rows):
+        return
     if want_lora:
         lora = policy.lora
         config = LoraConfig(
@@ -142,12 +158,18 @@ def _iter_decisions(model: nn.Module, policy: TrainabilityPolicy) -> Iterator[tu
             yield name, p, policy.new_token_rows
         elif part == "llm" and policy.llm == "lora" and policy.lm_head == "full" and _is_lm_head(name):
             yield name, p, True
+        elif part == "llm" and policy.llm == "lora" and policy.embed_tokens == "full" and _is_embed_tokens(name):
+            yield name, p, True
         else:
             yield name, p, _mode(policy, part) == "full"
 
 
 def _is_lm_head(name: str) -> bool:
     return name.endswith("lm_head.weight") or name.endswith("lm_head.bias")
+
+
+def _is_embed_tokens(name: str) -> bool:
+    return name.endswith("embed_tokens.weight")
 
 
 def apply_trainability(model: nn.Module, policy: TrainabilityPolicy) -> int:
