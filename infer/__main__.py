@@ -32,6 +32,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="run the model in this precision")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--teacher-forced", action="store_true",
+                   help="ground each record's own answer (its [SEG] tokens) in one forward instead of generating: "
+                        "the grounding heads measured apart from generation (the only mode of a head specialist)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +59,7 @@ def run_inference(args: argparse.Namespace, data: Path, out: Path) -> int:
     from fclm.inference import FCLMPredictor, SamplingConfig
     from fclm.inference.batch import infer_file, merge_shards
     from fclm.io import ErrorReport
+    from fclm.model.loading import model_kind
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -68,10 +72,18 @@ def run_inference(args: argparse.Namespace, data: Path, out: Path) -> int:
     device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if str(device).startswith("cpu"):
         torch.set_flush_denormal(True)
-    predictor = FCLMPredictor.from_pretrained(args.model, device=device, dtype=args.dtype)
+    if args.teacher_forced:
+        from fclm.model.loading import load_pretrained
+
+        model = load_pretrained(args.model).to(device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    else:
+        if model_kind(args.model) == "head_specialist":
+            raise ValueError(f"--model {args.model} is a head specialist: it grounds given answers but generates no "
+                             "text; add --teacher-forced")
+        model = FCLMPredictor.from_pretrained(args.model, device=device, dtype=args.dtype).model
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
     stats = infer_file(
-        predictor.model, data, out, image_root=args.image_root, batch_size=args.batch_size, head=args.head,
+        model, data, out, teacher_forced=args.teacher_forced, image_root=args.image_root, batch_size=args.batch_size, head=args.head,
         sampling=sampling, rank=rank, world_size=world, limit=getattr(args, "limit", None), progress=not args.no_progress,
         report=ErrorReport(strict=args.strict),
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fclm.inference.decoding import SamplingConfig
+from fclm.inference.grounding import ground_records
 from fclm.inference.predictor import predict_records
 from fclm.io import ErrorReport, RecordError, ResumableJsonl, iter_jsonl, write_jsonl
 
@@ -79,6 +80,7 @@ def infer_file(
     limit: int | None = None,
     progress: bool = True,
     report: ErrorReport | None = None,
+    teacher_forced: bool = False,
 ) -> InferStats:
     """Answer the records of ``data`` (this rank's share) and append predictions to ``out`` (or the rank's shard).
 
@@ -88,6 +90,8 @@ def infer_file(
         head: grounding head for every record (default: each record's ``head``, else the model's).
         limit: answer only the first ``limit`` records of the file (before sharding).
         report: collects skipped inputs; a strict report raises on the first one instead.
+        teacher_forced: ground each record's own answer (:func:`fclm.inference.grounding.ground_records`)
+            instead of generating one: the grounding heads measured apart from generation.
     """
     from tqdm.auto import tqdm
 
@@ -104,8 +108,14 @@ def infer_file(
         bar = tqdm(total=len(todo), desc=f"fclm-infer[{rank}]" if world_size > 1 else "fclm-infer",
                    disable=not progress, unit="rec")
         seen_before = stats.report.count
-        for pred in predict_records(model, todo, image_root if image_root is not None else data.parent,
-                                    batch_size=batch_size, sampling=sampling, head=head, report=stats.report):
+        root = image_root if image_root is not None else data.parent
+        if teacher_forced:
+            if head is not None:
+                todo = [{**r, "head": head} for r in todo]
+            preds = ground_records(model, todo, root, batch_size=batch_size, report=stats.report)
+        else:
+            preds = predict_records(model, todo, root, batch_size=batch_size, sampling=sampling, head=head, report=stats.report)
+        for pred in preds:
             writer.append(pred)
             stats.n_written += 1
             if stats.n_written % batch_size == 0:

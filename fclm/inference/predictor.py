@@ -41,6 +41,7 @@ from fclm.inference.regions import ResolvedRegion, parse_region, resolve_region
 from fclm.io import ErrorReport, RecordError
 from fclm.masks import encode_mask, mask_to_box
 from fclm.model.fclm import ImageFeatures, gather_expression_states
+from fclm.model.heads import head_detections
 
 logger = logging.getLogger(__name__)
 
@@ -163,31 +164,37 @@ def _text_pieces(tokenizer: Any, tokens: list[int], seg_id: int) -> tuple[str, l
 # --------------------------------------------------------------------------------------------------
 
 
-def _head_instances(model: Any, head_out: dict, j: int, valid_hw: torch.Tensor, original_hw: torch.Tensor,
-                    score_threshold: float) -> list[Instance]:
-    """The instances of the j-th query routed to a head.
+def _head_instances(model: Any, name: str, head_out: dict, j: int, valid_hw: torch.Tensor, original_hw: torch.Tensor,
+                    score_threshold: float) -> tuple[list[Instance], float | None]:
+    """The instances of the j-th query routed to head ``name``, and its ``exists`` probability (or None).
 
-    ``pred_masks`` of shape n×Hl×Wl is one mask per query (the ``sam`` head); n×Q×Hl×Wl is Q candidate
-    instances per query, kept when their ``pred_scores`` reach ``score_threshold``.
+    The head's :func:`~fclm.model.heads.base.head_detections` decide what is kept (one mask per query for
+    the ``sam`` head; candidates whose score reaches ``score_threshold``; nothing for "no target").
+    Masks go back to the image size; a head's frame box (normalised xyxy of the S × S frame) becomes
+    image pixels, and an instance without a head box takes its mask's tight box. An instance with
+    neither a pixel nor a box is dropped.
     """
-    masks = head_out["pred_masks"][j]
-    scores = head_out.get("pred_scores")
-    scores = scores[j] if scores is not None else None
-    if masks.ndim == 2:
-        masks = masks[None]
-        scores = None if scores is None else scores.reshape(1)
-        keep = [0]
-    else:
-        keep = list(range(masks.shape[0])) if scores is None else [q for q in range(masks.shape[0]) if float(scores[q]) >= score_threshold]
-    if not keep:
-        return []
-    logits = model.sam.postprocess_masks(masks[keep], valid_hw, original_hw)
+    det = head_detections(model.heads[name], head_out, j, score_threshold)
+    if det.masks.shape[0] == 0:
+        return [], det.exists
+    logits = model.sam.postprocess_masks(det.masks, valid_hw, original_hw)
+    s = float(model.config.sam.img_size)
+    vh, vw = (float(v) for v in valid_hw)
+    h, w = (int(v) for v in original_hw)
     out = []
-    for k, q in enumerate(keep):
+    for k in range(det.masks.shape[0]):
         mask = (logits[k] > 0).cpu().numpy()
-        if mask.any():
-            out.append(Instance(mask=mask, box=mask_to_box(mask), score=float(scores[q]) if scores is not None else 1.0))
-    return out
+        if det.boxes is not None:
+            b = det.boxes[k].float().cpu().tolist()
+            box = [min(max(b[0] * s / vw * w, 0.0), w), min(max(b[1] * s / vh * h, 0.0), h),
+                   min(max(b[2] * s / vw * w, 0.0), w), min(max(b[3] * s / vh * h, 0.0), h)]
+            if box[2] <= box[0] or box[3] <= box[1]:
+                box = mask_to_box(mask) if mask.any() else None
+        else:
+            box = mask_to_box(mask) if mask.any() else None
+        if box is not None:
+            out.append(Instance(mask=mask, box=box, score=float(det.scores[k])))
+    return out, det.exists
 
 
 def _answer_steps(
@@ -198,12 +205,14 @@ def _answer_steps(
     sampling: SamplingConfig,
     logits_processor: Any = None,
     regions: Sequence[Sequence[ResolvedRegion]] | None = None,
-    score_threshold: float = 0.5,
+    score_threshold: float | None = None,
     prefix: Callable[[dict, dict], PrefixCache | None] | None = None,
 ) -> Iterator[list[int | None]]:
     """Generator behind :func:`answer_batch`: yields each step's tokens, returns the B :class:`Answer` objects.
 
     ``prefix(batch, embedded)`` may return the cached KV of the prompt's first tokens (one image, batch 1).
+    ``score_threshold`` keeps a multi-instance head's candidates (default: the head's own
+    ``score_threshold`` attribute, else 0.5).
     """
     tokenizer = model.processor.tokenizer
     ids = model.token_ids
@@ -238,6 +247,7 @@ def _answer_steps(
             routes=batch["heads"],
             text_states=text_states,
             text_padding_mask=text_padding,
+            vision_features=images.vision_grids,
         )
     # global [SEG] index → (head name, row in that head's outputs)
     where: dict[int, tuple[str, int]] = {}
@@ -253,11 +263,10 @@ def _answer_steps(
         for k, piece in enumerate(pieces):
             name, j = where[offset + k]
             head_out = grounded["heads"][name]
-            seg = Segment(phrase=_phrase(piece), head=name,
-                          instances=_head_instances(model, head_out, j, batch["sam_valid_hw"][i], batch["original_hw"][i], score_threshold))
-            if "pred_exists" in head_out:
-                seg.exists = float(torch.sigmoid(head_out["pred_exists"][j].float()).reshape(-1)[0])
-            segments.append(seg)
+            threshold = score_threshold if score_threshold is not None else getattr(model.heads[name], "score_threshold", 0.5)
+            instances, exists = _head_instances(model, name, head_out, j, batch["sam_valid_hw"][i], batch["original_hw"][i],
+                                                threshold)
+            segments.append(Segment(phrase=_phrase(piece), head=name, instances=instances, exists=exists))
         offset += len(pieces)
         answers.append(Answer(
             text=text,

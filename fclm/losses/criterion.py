@@ -1,23 +1,23 @@
 """``FCLMCriterion``: model outputs + batch → a dict of named losses (DETR's ``SetCriterion`` shape).
 
-Keys read (CONTRACTS.md):
+The criterion owns the three model-wide losses and delegates grounding to the criteria of the heads
+the model routes ``[SEG]`` to (each registered with its head, :mod:`fclm.model.heads.base`):
 
 * ``loss_ce``: ``outputs["logits"]`` (B,L,V), ``batch["labels"]`` (B,L).
-* ``loss_mask_bce`` / ``loss_mask_dice``: ``outputs["heads"]["sam"]`` with ``query_index`` (n,) into
-  the batch's N [SEG]s and ``pred_masks`` (n,Hl,Wl); ``batch["target_masks"]`` (N,S,S). Logits are
-  upsampled to the S × S SAM frame. A [SEG] without target (``target_exists`` False) keeps its
-  empty target mask: the sam head learns to predict an empty mask for it. [SEG]s routed to other
-  heads are not counted here (their heads bring their own losses).
+* head terms: for each head criterion, ``outputs["heads"][name]`` (``query_index`` (n,) into the batch's
+  N [SEG]s and ``pred_*``) and :func:`fclm.losses.heads.head_targets` of those n queries. The ``sam``
+  head's terms are ``loss_mask_bce`` / ``loss_mask_dice`` (:class:`fclm.losses.heads.SamCriterion`).
 * ``loss_self_recon``: ``outputs["pred_recon_masks"]`` (R,Hl,Wl) (source ``pos``) and/or
   ``outputs["pred_recon_masks_from_mask"]`` (source ``mask``; ``both`` sums the two) vs
   ``batch["region_masks"]`` (R,S,S).
 * ``loss_latent``: ``outputs["seg_embeddings"]`` (N,C), ``outputs["pos_embeddings"]`` (R,C),
   ``batch["latent_pairs"]`` (P,2).
 
-Every call returns all five losses. Where the batch has nothing for a loss (no supervised token, no
-[SEG] routed to the sam head, no region, no latent pair) that loss is an exact 0 scalar that is part
-of the autograd graph (see :func:`fclm.losses._utils.graph_zero`), so the training loop can always
-sum, log and back-propagate the same set of names.
+Every call returns every name (the three above and all that the routed heads declare). Where the
+batch has nothing for a loss (no supervised token, no [SEG] routed to a head, no region, no latent
+pair) that loss is an exact 0 scalar that is part of the autograd graph (see
+:func:`fclm.losses._utils.graph_zero`), so the training loop can always sum, log and back-propagate
+the same set of names. Head criteria may add detached ``metric_*`` diagnostics: logged, never weighted.
 """
 
 from __future__ import annotations
@@ -30,36 +30,53 @@ import torch
 from fclm.config import LossConfig
 from fclm.losses._utils import graph_zero
 from fclm.losses.consistency import latent_loss, self_recon_loss
+from fclm.losses.heads import SAM_LOSS_WEIGHTS, SamCriterion, head_targets
 from fclm.losses.lm import causal_lm_loss
-from fclm.losses.mask import mask_bce_loss, mask_dice_loss, upsample_logits
 
-__all__ = ["FCLMCriterion", "LOSS_NAMES"]
+__all__ = ["FCLMCriterion", "CORE_LOSS_NAMES", "LOSS_NAMES"]
 
-LOSS_NAMES: tuple[str, ...] = ("loss_ce", "loss_mask_bce", "loss_mask_dice", "loss_self_recon", "loss_latent")
-"""Names the criterion produces; the weight table may only use these."""
+CORE_LOSS_NAMES: tuple[str, ...] = ("loss_ce", "loss_self_recon", "loss_latent")
+"""The losses that do not belong to a grounding head."""
+
+LOSS_NAMES: tuple[str, ...] = ("loss_ce", *SAM_LOSS_WEIGHTS, "loss_self_recon", "loss_latent")
+"""Names produced with the default ``sam`` head alone."""
 
 
 class FCLMCriterion:
-    """Compute FCLM's named losses; :meth:`weighted_total` applies the config's weight table.
+    """Compute FCLM's named losses; :meth:`weighted_total` applies the weight table.
 
     Arguments:
-      loss_cfg: weights (a name outside :data:`LOSS_NAMES` raises ``ValueError`` naming it),
-        ``self_recon_source``, ``latent_kind``, ``kl_temperature`` and the λs inside self-recon.
+      loss_cfg: weights (overriding the heads' declared defaults; a name that is neither a model-wide
+        loss nor declared by a routed head raises ``ValueError`` naming it), ``self_recon_source``,
+        ``latent_kind``, ``kl_temperature`` and the λs inside self-recon.
+      head_criteria: head name → criterion, for the heads the model routes to (default: the ``sam``
+        head's). Each criterion has ``loss_weights`` (its declared names → default weights).
     """
 
-    def __init__(self, loss_cfg: LossConfig) -> None:
-        unknown = [k for k in loss_cfg.weights if k not in LOSS_NAMES]
+    def __init__(self, loss_cfg: LossConfig, head_criteria: Mapping[str, Any] | None = None) -> None:
+        self.head_criteria: dict[str, Any] = dict(head_criteria) if head_criteria is not None else {"sam": SamCriterion()}
+        declared: dict[str, float] = {}
+        for name, crit in self.head_criteria.items():
+            for k, w in crit.loss_weights.items():
+                if k in declared or k in CORE_LOSS_NAMES:
+                    raise ValueError(f"head {name!r} declares loss {k!r} that another head or the model already uses")
+                declared[k] = w
+        self.loss_names: tuple[str, ...] = (CORE_LOSS_NAMES[0], *declared, *CORE_LOSS_NAMES[1:])
+        unknown = [k for k in loss_cfg.weights if k not in self.loss_names]
         if unknown:
-            raise ValueError(f"unknown loss name(s) in loss weights: {', '.join(unknown)} (known: {', '.join(LOSS_NAMES)})")
+            raise ValueError(
+                f"unknown loss name(s) in loss weights: {', '.join(unknown)}: no routed head "
+                f"({', '.join(self.head_criteria) or 'none'}) declares them (known: {', '.join(self.loss_names)})"
+            )
         if loss_cfg.self_recon_source not in ("pos", "mask", "both"):
             raise ValueError(f"loss.self_recon_source {loss_cfg.self_recon_source!r} is not one of pos, mask, both")
         if loss_cfg.latent_kind not in ("cosine", "mse", "kl"):
             raise ValueError(f"loss.latent_kind {loss_cfg.latent_kind!r} is not one of cosine, mse, kl")
         self.cfg = loss_cfg
-        self.weights: dict[str, float] = dict(loss_cfg.weights)
+        self.weights: dict[str, float] = {**declared, **dict(loss_cfg.weights)}
 
     def __call__(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Return ``{"loss_ce", "loss_mask_bce", "loss_mask_dice", "loss_self_recon", "loss_latent"}`` scalars."""
+        """Return every name of :attr:`loss_names` (and the heads' ``metric_*`` diagnostics) as scalars."""
         anchor = outputs.get("logits")
         losses: dict[str, torch.Tensor] = {}
 
@@ -69,7 +86,7 @@ class FCLMCriterion:
         else:
             losses["loss_ce"] = graph_zero(anchor)
 
-        losses.update(self._mask_losses(outputs, batch, anchor))
+        losses.update(self._head_losses(outputs, batch, anchor))
         losses["loss_self_recon"] = self._self_recon(outputs, batch, anchor)
 
         pairs = batch.get("latent_pairs")
@@ -84,23 +101,26 @@ class FCLMCriterion:
             losses["loss_latent"] = graph_zero(z_seg, anchor)
         return losses
 
-    def _mask_losses(self, outputs: Mapping[str, Any], batch: Mapping[str, Any], anchor: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        sam_out = (outputs.get("heads") or {}).get("sam")
-        if sam_out is None or sam_out["pred_masks"].shape[0] == 0:
-            zero = graph_zero(None if sam_out is None else sam_out["pred_masks"], outputs.get("seg_embeddings"), anchor)
-            return {"loss_mask_bce": zero, "loss_mask_dice": zero.clone()}
-        pred = sam_out["pred_masks"]
-        query_index = sam_out["query_index"].to(pred.device).long()
-        if query_index.shape != (pred.shape[0],):
-            raise ValueError(f"heads.sam.query_index {tuple(query_index.shape)} does not match pred_masks {tuple(pred.shape)}")
-        target_masks = batch.get("target_masks")
-        if target_masks is None:
-            raise ValueError("outputs have sam-head masks but the batch has no target_masks")
-        if int(query_index.max()) >= target_masks.shape[0]:
-            raise ValueError(f"heads.sam.query_index {query_index.tolist()} outside the batch's {target_masks.shape[0]} targets")
-        targets = target_masks.to(pred.device)[query_index]
-        pred = upsample_logits(pred, tuple(targets.shape[-2:]))
-        return {"loss_mask_bce": mask_bce_loss(pred, targets), "loss_mask_dice": mask_dice_loss(pred, targets)}
+    def _head_losses(self, outputs: Mapping[str, Any], batch: Mapping[str, Any], anchor: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        head_outputs = outputs.get("heads") or {}
+        stray = sorted(set(head_outputs) - set(self.head_criteria))
+        if stray:
+            raise ValueError(f"outputs have predictions of head(s) {stray} that the criterion has no criterion for "
+                             f"(it has {sorted(self.head_criteria)})")
+        losses: dict[str, torch.Tensor] = {}
+        for name, crit in self.head_criteria.items():
+            preds = head_outputs.get(name)
+            if preds is None or preds["query_index"].shape[0] == 0:
+                zero = graph_zero(outputs.get("seg_embeddings"), anchor)
+                losses.update({k: zero.clone() for k in crit.loss_weights})
+                continue
+            targets = head_targets(batch, preds["query_index"])
+            got = crit(preds, targets)
+            missing = [k for k in crit.loss_weights if k not in got]
+            if missing:
+                raise ValueError(f"head {name!r} criterion did not return its declared loss(es) {missing}")
+            losses.update(got)
+        return losses
 
     def _self_recon(self, outputs: Mapping[str, Any], batch: Mapping[str, Any], anchor: torch.Tensor | None) -> torch.Tensor:
         region_masks = batch.get("region_masks")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from fclm.config import LossConfig
 from fclm.losses import (
     LOSS_NAMES,
+    SAM_LOSS_WEIGHTS,
     FCLMCriterion,
     causal_lm_loss,
     latent_loss,
@@ -209,7 +210,9 @@ def test_criterion_values_match_the_functions() -> None:
         losses["loss_latent"], latent_loss(outputs["seg_embeddings"], outputs["pos_embeddings"], batch["latent_pairs"])
     )
     total = crit.weighted_total(losses)
-    expected = sum(LossConfig().weights[k] * losses[k] for k in LOSS_NAMES)
+    table = {**SAM_LOSS_WEIGHTS, **LossConfig().weights}  # the sam head's declared defaults + the model-wide ones
+    assert crit.weights == table and set(table) == set(LOSS_NAMES)
+    expected = sum(table[k] * losses[k] for k in LOSS_NAMES)
     torch.testing.assert_close(total, expected)
     total.backward()
     assert outputs["pos_embeddings"].grad is None  # stop-gradient into z_pos
@@ -250,9 +253,63 @@ def test_criterion_rejects_unknown_weight_names() -> None:
     crit = FCLMCriterion(LossConfig(weights={"loss_ce": 1.0, "loss_latent": 0.5}))
     outputs, batch = _outputs_and_batch()
     losses = crit(outputs, batch)
-    torch.testing.assert_close(crit.weighted_total(losses), losses["loss_ce"] + 0.5 * losses["loss_latent"])
-    with pytest.raises(ValueError, match="no value for weighted loss\\(es\\) loss_latent"):
+    # names left out of the table keep the routed head's declared defaults (sam: bce 2, dice 1)
+    torch.testing.assert_close(
+        crit.weighted_total(losses),
+        losses["loss_ce"] + 0.5 * losses["loss_latent"] + 2.0 * losses["loss_mask_bce"] + losses["loss_mask_dice"],
+    )
+    with pytest.raises(ValueError, match="no value for weighted loss\\(es\\) loss_mask_bce, loss_mask_dice, loss_latent"):
         crit.weighted_total({"loss_ce": losses["loss_ce"]})
     bad_kind = dataclasses.replace(LossConfig(), latent_kind="l1")
     with pytest.raises(ValueError, match="latent_kind 'l1'"):
         FCLMCriterion(bad_kind)
+
+
+def test_head_targets_put_image_boxes_on_the_frame_and_keep_every_instance() -> None:
+    from fclm.losses.heads import head_targets, mask_frame_boxes
+
+    s = 16
+    m = torch.zeros(3, s, s)
+    m[0, 2:5, 3:9] = 1
+    batch = {
+        "target_masks": torch.stack([m[0], torch.zeros(s, s), m[0]]),
+        "target_exists": torch.tensor([True, False, True]),
+        "target_instance_masks": [m[:1], torch.zeros(0, s, s), m[:2]],
+        "target_instance_boxes": [torch.tensor([[0.5, 0.25, 1.0, 0.75]]), torch.zeros(0, 4),
+                                  torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]])],
+        "seg_batch_index": torch.tensor([0, 0, 1]),
+        "sam_valid_hw": torch.tensor([[16, 8], [8, 16]]),  # image 0 is tall (w 8 of 16), image 1 is wide
+    }
+    t = head_targets(batch, torch.tensor([2, 1, 0]))
+    assert len(t) == 3 and t.exists.tolist() == [True, False, True]
+    torch.testing.assert_close(t.instance_boxes[0], torch.tensor([[0.0, 0.0, 0.5, 0.25], [0.5, 0.25, 1.0, 0.5]]))
+    assert t.instance_boxes[1].shape == (0, 4) and t.instance_masks[1].shape == (0, s, s)
+    torch.testing.assert_close(t.instance_boxes[2], torch.tensor([[0.25, 0.25, 0.5, 0.75]]))
+    torch.testing.assert_close(t.valid_hw, torch.tensor([[8, 16], [16, 8], [16, 8]]))
+    # a hand-made batch without instance lists: the union mask is the one instance, boxed on the frame grid
+    bare = head_targets({"target_masks": batch["target_masks"]}, torch.tensor([0, 1]))
+    torch.testing.assert_close(bare.instance_boxes[0], torch.tensor([[3 / 16, 2 / 16, 9 / 16, 5 / 16]]))
+    assert bare.instance_masks[1].shape[0] == 0 and bare.exists.tolist() == [True, False]
+    torch.testing.assert_close(mask_frame_boxes(m[:1]), bare.instance_boxes[0])
+
+
+def test_criterion_refuses_loss_names_of_heads_it_does_not_route_to() -> None:
+    from fclm.losses.heads import SamCriterion
+
+    class Other:
+        loss_weights = {"loss_other_box": 5.0}
+
+        def __call__(self, preds, targets):
+            return {"loss_other_box": preds["pred_boxes"].sum() * 0 + 1.0}
+
+    with pytest.raises(ValueError, match="loss_other_box: no routed head \\(sam\\) declares them"):
+        FCLMCriterion(LossConfig(weights={"loss_other_box": 1.0}), {"sam": SamCriterion()})
+    crit = FCLMCriterion(LossConfig(weights={"loss_other_box": 2.0}), {"sam": SamCriterion(), "other": Other()})
+    assert crit.weights["loss_other_box"] == 2.0 and crit.weights["loss_mask_bce"] == 2.0
+    assert crit.loss_names == ("loss_ce", "loss_mask_bce", "loss_mask_dice", "loss_other_box", "loss_self_recon", "loss_latent")
+    outputs, batch = _outputs_and_batch()
+    losses = crit(outputs, batch)  # "other" got no query: its declared term is an exact graph zero
+    assert losses["loss_other_box"].item() == 0.0 and set(losses) == set(crit.loss_names)
+    outputs["heads"]["stray"] = outputs["heads"]["sam"]
+    with pytest.raises(ValueError, match="predictions of head\\(s\\) \\['stray'\\]"):
+        crit(outputs, batch)

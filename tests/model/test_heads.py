@@ -32,10 +32,15 @@ def test_registry_builds_sam_head_and_rejects_unknown(sam: SamBackend) -> None:
     assert "sam" in HEAD_REGISTRY
     head = build_head("sam", cfg=preset("tiny"), sam=sam, llm_dim=128)
     assert isinstance(head, SamHead) and head.sam is sam
-    with pytest.raises(ValueError, match=r"unknown head 'c3vgx'; registered heads: \['sam'"):
+    with pytest.raises(ValueError, match=r"unknown head 'c3vgx'; registered heads: \[.*'sam'"):
         build_head("c3vgx", cfg=preset("tiny"), sam=sam, llm_dim=128)
     with pytest.raises(ValueError, match="head 'sam' is already registered"):
-        register_head("sam")(lambda **kw: nn.Identity())
+        register_head("sam", criterion=lambda **kw: None, loss_weights={})(lambda **kw: nn.Identity())
+    with pytest.raises(ValueError, match="declares loss name\\(s\\) \\['loss_mask_bce'\\] that head 'sam' already declares"):
+        register_head("other", criterion=lambda **kw: None, loss_weights={"loss_mask_bce": 1.0})(lambda **kw: nn.Identity())
+    with pytest.raises(ValueError, match="must start with 'loss_'"):
+        register_head("other", criterion=lambda **kw: None, loss_weights={"mask_bce": 1.0})
+    assert "other" not in HEAD_REGISTRY
 
 
 def test_sam_head_decodes_each_seg_on_its_own_image(sam: SamBackend) -> None:

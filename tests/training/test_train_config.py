@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
 import pytest
 import yaml
 
@@ -32,14 +33,18 @@ def test_every_shipped_yaml_parses_and_opens_with_its_command(path: Path):
     cfg = load_train_config(path, check_files=False)
     assert cfg.stage in (1, 2)
     assert cfg.data.train, "a shipped config names its data"
-    if cfg.stage == 2:
+    if cfg.model is not None and cfg.model.kind == "head_specialist":  # a head alone: no LLM, no regions
+        assert cfg.trainability.heads == "full" and cfg.trainability.llm == "full"  # its text encoder
+        assert set(cfg.model.heads.enabled) <= {"c3vg", "igvg", "sam"} and cfg.sam_cache.enabled
+    elif cfg.stage == 2:
         assert cfg.init_from is not None and cfg.model is None
         assert cfg.trainability.region_extractor == cfg.trainability.projectors == cfg.trainability.sam_decoder == "frozen"
         assert cfg.loss.weights["loss_latent"] > 0
     else:
         assert cfg.model is not None and cfg.trainability.region_extractor == "full"
         assert cfg.loss.weights["loss_self_recon"] > 0
-    assert cfg.trainability.llm == "lora"
+    if cfg.model is None or cfg.model.kind == "fclm":
+        assert cfg.trainability.llm == "lora"
     # the parsed config round-trips through plain data (it is saved in every checkpoint)
     again = train_config_from_dict(train_config_to_dict(cfg), check_files=False)
     assert train_config_to_dict(again) == train_config_to_dict(cfg)
@@ -51,7 +56,7 @@ def test_demo_configs_pass_the_file_checks_on_real_data(shapes_dir: Path, tmp_pa
     assert cfg.model.sam.img_size == 112 and cfg.model.backbone.text_hidden_size == 128
     export = tmp_path / "export"
     export.mkdir()
-    (export / "fclm_config.json").write_text("{}")
+    (export / "fclm_config.json").write_text(json.dumps({"config": {"heads": {"enabled": ["sam"]}}, "format_version": 1}))
     cfg2 = load_train_config(ROOT / "train/configs/demo_stage2.yaml", [f"data.root={shapes_dir}", f"init_from={export}"])
     assert cfg2.stage == 2 and Path(cfg2.init_from) == export
 
@@ -148,3 +153,19 @@ def test_bad_config_fails_before_any_model_is_built(good: dict, tmp_path: Path, 
     assert main([str(path), f"data.train=[{{path: {tmp_path / 'gone.jsonl'}}}]"]) == 2
     assert "gone.jsonl" in capsys.readouterr().err
     assert built == []
+
+
+def test_loss_weights_follow_the_routed_heads(good: dict, tmp_path: Path):
+    path = _write(tmp_path, good)
+    # a head's term is known only when the model routes to that head
+    with pytest.raises(ConfigError, match=r"loss\.weights\.loss_c3vg_box_l1: neither the model nor a routed head \(heads\.enabled: sam\)"):
+        load_train_config(path, ["loss.weights.loss_c3vg_box_l1=2.0"])
+    cfg = load_train_config(path, ["model.heads.enabled=[sam, c3vg]", "loss.weights.loss_c3vg_box_l1=2.0"])
+    assert cfg.loss.weights["loss_c3vg_box_l1"] == 2.0 and cfg.loss.weights["loss_mask_bce"] == STAGE_LOSS_WEIGHTS[1]["loss_mask_bce"]
+    # without the sam head, the stage defaults of its terms are left out (not reported as unknown)
+    cfg = load_train_config(path, ["model.heads.enabled=[c3vg]", "model.heads.default=c3vg"])
+    assert "loss_mask_bce" not in cfg.loss.weights and cfg.loss.weights["loss_ce"] == 1.0
+    with pytest.raises(ConfigError, match="loss_mask_bce"):
+        load_train_config(path, ["model.heads.enabled=[c3vg]", "model.heads.default=c3vg", "loss.weights.loss_mask_bce=1.0"])
+    with pytest.raises(ConfigError, match="unknown head 'c4vg'"):
+        load_train_config(path, ["model.heads.enabled=[sam, c4vg]"])

@@ -4,19 +4,29 @@ Every head is an ``nn.Module`` whose ``forward(inputs: HeadInputs) -> dict[str, 
 prefixed predictions (``pred_masks``, ``pred_boxes``, ``pred_scores``, ``pred_exists`` …), one row per
 ``[SEG]`` routed to it. What inference (:mod:`fclm.inference.predictor`) reads:
 
-* ``pred_masks``: (n,Hl,Wl) low-res mask logits, one mask per query; or (n,Q,Hl,Wl), Q candidate
-  instances per query, kept when their ``pred_scores`` reach the score threshold;
+* ``pred_masks``: (n,Hl,Wl) low-res mask logits in the S × S SAM frame, one mask per query; or
+  (n,Q,Hl,Wl), Q candidate instances per query, kept when their ``pred_scores`` reach the score threshold;
+* ``pred_boxes``: (n,4) or (n,Q,4) boxes, normalised xyxy of the S × S SAM frame (optional; without them an
+  instance's box is its mask's tight box);
 * ``pred_scores``: (n,) or (n,Q) confidences in [0, 1];
-* ``pred_exists``: (n,) logits of "the expression refers to something" (heads with a no-target branch).
+* ``pred_exists``: (n,) logits of "the expression refers to something" (heads with a no-target branch);
+  below 0.5 after the sigmoid the query grounds nothing.
 
-Heads are built by name from :data:`HEAD_REGISTRY`; a head module registers
-its builder with :func:`register_head` and never imports another head.
+A head may replace that reading with a ``detections(preds, j, score_threshold) -> Detections`` method
+(e.g. IGVG fuses its global and instance masks there); :func:`head_detections` picks it.
+
+Heads are built by name from :data:`HEAD_REGISTRY`. A head module registers its builder *and* its
+criterion with :func:`register_head` (the criterion's ``loss_*`` names and default weights declared
+there, so a config can be checked without building anything) and never imports another head.
+Criteria live in :mod:`fclm.losses` (losses outside the model); they receive the head's outputs and
+:class:`~fclm.losses.heads.HeadTargets`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -25,7 +35,10 @@ if TYPE_CHECKING:
     from fclm.config import FCLMConfig
     from fclm.model.sam import SamBackend
 
-__all__ = ["HeadInputs", "HeadBuilder", "HEAD_REGISTRY", "register_head", "build_head"]
+__all__ = [
+    "HeadInputs", "HeadBuilder", "HeadSpec", "HEAD_REGISTRY", "register_head", "build_head", "build_head_criterion",
+    "head_loss_weights", "Detections", "default_detections", "head_detections",
+]
 
 
 @dataclass
@@ -93,24 +106,120 @@ class HeadInputs:
 HeadBuilder = Callable[..., nn.Module]
 """``builder(*, cfg: FCLMConfig, sam: SamBackend, llm_dim: int) -> nn.Module``."""
 
-HEAD_REGISTRY: dict[str, HeadBuilder] = {}
-"""Head name → builder. Filled by :func:`register_head` when ``fclm.model.heads`` is imported."""
+CriterionBuilder = Callable[..., Any]
+"""``criterion_builder(*, cfg: FCLMConfig) -> criterion``; the criterion is called as
+``criterion(preds: dict, targets: HeadTargets) -> dict[str, Tensor]`` and returns every declared
+``loss_*`` name (exact graph zeros when it has nothing to learn from) plus, optionally, detached
+``metric_*`` diagnostics that are logged but never weighted."""
 
 
-def register_head(name: str) -> Callable[[HeadBuilder], HeadBuilder]:
-    """Decorator registering a head builder under ``name``; a name registered twice is an error."""
+@dataclass(frozen=True)
+class HeadSpec:
+    """A registered head: its builder, its criterion builder and the loss names (→ default weights) it declares."""
+
+    name: str
+    builder: HeadBuilder
+    criterion: CriterionBuilder
+    loss_weights: dict[str, float]
+
+
+HEAD_REGISTRY: dict[str, HeadSpec] = {}
+"""Head name → :class:`HeadSpec`. Filled by :func:`register_head` when ``fclm.model.heads`` is imported."""
+
+
+def register_head(
+    name: str, *, criterion: CriterionBuilder, loss_weights: dict[str, float]
+) -> Callable[[HeadBuilder], HeadBuilder]:
+    """Decorator registering a head builder under ``name`` with its criterion and declared loss weights.
+
+    A name registered twice, a loss name not starting with ``loss_``, a negative weight, or a loss name
+    another head already declares is an error (names are global: the trainer logs them side by side).
+    """
+    bad = [k for k, v in loss_weights.items() if not k.startswith("loss_") or v < 0]
+    if bad:
+        raise ValueError(f"head {name!r}: loss names must start with 'loss_' and weights be >= 0, got {bad}")
 
     def decorator(builder: HeadBuilder) -> HeadBuilder:
         if name in HEAD_REGISTRY:
-            raise ValueError(f"head {name!r} is already registered (by {HEAD_REGISTRY[name].__module__})")
-        HEAD_REGISTRY[name] = builder
+            raise ValueError(f"head {name!r} is already registered (by {HEAD_REGISTRY[name].builder.__module__})")
+        for other in HEAD_REGISTRY.values():
+            shared = sorted(set(other.loss_weights) & set(loss_weights))
+            if shared:
+                raise ValueError(f"head {name!r} declares loss name(s) {shared} that head {other.name!r} already declares")
+        HEAD_REGISTRY[name] = HeadSpec(name, builder, criterion, dict(loss_weights))
         return builder
 
     return decorator
 
 
-def build_head(name: str, *, cfg: "FCLMConfig", sam: "SamBackend", llm_dim: int) -> nn.Module:
-    """Build the head registered as ``name``; an unknown name raises ``ValueError`` listing the known ones."""
+def _spec(name: str) -> HeadSpec:
     if name not in HEAD_REGISTRY:
         raise ValueError(f"unknown head {name!r}; registered heads: {sorted(HEAD_REGISTRY)}")
-    return HEAD_REGISTRY[name](cfg=cfg, sam=sam, llm_dim=llm_dim)
+    return HEAD_REGISTRY[name]
+
+
+def build_head(name: str, *, cfg: "FCLMConfig", sam: "SamBackend", llm_dim: int) -> nn.Module:
+    """Build the head registered as ``name``; an unknown name raises ``ValueError`` listing the known ones."""
+    return _spec(name).builder(cfg=cfg, sam=sam, llm_dim=llm_dim)
+
+
+def build_head_criterion(name: str, *, cfg: "FCLMConfig") -> Any:
+    """The criterion registered with head ``name``."""
+    return _spec(name).criterion(cfg=cfg)
+
+
+def head_loss_weights(names: Sequence[str]) -> dict[str, float]:
+    """Declared loss name → default weight, over the heads ``names`` (unknown heads raise ``ValueError``)."""
+    out: dict[str, float] = {}
+    for name in names:
+        out.update(_spec(name).loss_weights)
+    return out
+
+
+@dataclass
+class Detections:
+    """What one query grounds after post-processing (SAM-frame coordinates; inference maps them to the image).
+
+    Attributes:
+      masks: (k,Hl,Wl) low-res mask logits of the k kept instances.
+      scores: (k,) confidences.
+      boxes: (k,4) normalised frame xyxy, or None (boxes then come from the masks).
+      exists: probability that the expression refers to something, or None (head without that branch).
+    """
+
+    masks: torch.Tensor
+    scores: torch.Tensor
+    boxes: torch.Tensor | None = None
+    exists: float | None = None
+
+
+def default_detections(preds: dict[str, torch.Tensor], j: int, score_threshold: float) -> Detections:
+    """The contract's reading of query ``j`` (module docstring): one mask, or the Q candidates whose score
+    reaches ``score_threshold``; nothing when ``pred_exists`` says "no target"."""
+    masks = preds["pred_masks"][j]
+    scores = preds.get("pred_scores")
+    boxes = preds.get("pred_boxes")
+    scores = scores[j] if scores is not None else None
+    boxes = boxes[j] if boxes is not None else None
+    exists = None
+    if "pred_exists" in preds:
+        exists = float(torch.sigmoid(preds["pred_exists"][j].float()).reshape(-1)[0])
+    if masks.ndim == 2:
+        masks = masks[None]
+        scores = torch.ones(1, device=masks.device) if scores is None else scores.reshape(1)
+        boxes = None if boxes is None else boxes.reshape(1, 4)
+        keep = torch.ones(1, dtype=torch.bool, device=masks.device)
+    else:
+        scores = torch.ones(masks.shape[0], device=masks.device) if scores is None else scores
+        keep = scores.float() >= score_threshold
+    if exists is not None and exists < 0.5:
+        keep = torch.zeros_like(keep)
+    return Detections(masks=masks[keep], scores=scores[keep].float(), boxes=None if boxes is None else boxes[keep], exists=exists)
+
+
+def head_detections(head: nn.Module, preds: dict[str, torch.Tensor], j: int, score_threshold: float) -> Detections:
+    """``head.detections(...)`` when the head defines it, else :func:`default_detections`."""
+    custom = getattr(head, "detections", None)
+    if custom is not None:
+        return custom(preds, j, score_threshold)
+    return default_detections(preds, j, score_threshold)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from fclm.losses.heads import SAM_LOSS_WEIGHTS, SamCriterion
 from fclm.model.heads.base import HeadInputs, register_head
 
 if TYPE_CHECKING:
@@ -40,7 +41,11 @@ class SamHead(nn.Module):
         return {"pred_masks": pred_masks, "pred_scores": pred_scores}
 
 
-@register_head("sam")
+def _sam_criterion(*, cfg: "FCLMConfig") -> SamCriterion:
+    return SamCriterion()
+
+
+@register_head("sam", criterion=_sam_criterion, loss_weights=SAM_LOSS_WEIGHTS)
 def build_sam_head(*, cfg: "FCLMConfig", sam: "SamBackend", llm_dim: int) -> SamHead:
     """The ``sam`` head over the model's shared SAM backend (no sizes of its own)."""
     return SamHead(sam=sam)
