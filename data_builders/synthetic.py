@@ -15,7 +15,8 @@ Files written into ``OUT`` (``SPLIT`` is ``train`` or ``val``; the two splits ha
   target with one instance. The expression is the shortest unique one of: colour + shape;
   size + colour + shape; colour + shape + ``on the left|right``; colour + shape + ``at the
   top|bottom`` (thirds of the image, by the visible centroid). An object with no unique
-  expression gets no record. ``rec`` records are the same with ``task: rec``.
+  expression gets no record. ``rec`` records are the same with ``task: rec``. ``meta.difficulty``
+  says what tells the target apart: ``colour_only``, ``needs_shape`` or ``needs_size_or_position``.
 * ``SPLIT_gres.jsonl`` / ``SPLIT_grec.jsonl`` — ``all circles`` / ``all red shapes`` (every shape or
   colour with ≥ 2 objects), ``all shapes`` (≥ 2 objects) → one ``[SEG]`` whose target holds every
   instance; and per image one expression matching nothing (``the green triangle`` absent, or
@@ -234,6 +235,22 @@ def caption_of(shapes: list[Shape], i: int) -> str:
     return text
 
 
+DIFFICULTIES: tuple[str, ...] = ("colour_only", "needs_shape", "needs_size_or_position")
+"""What a RES/REC target needs to be told apart from the other shapes of its image (``meta.difficulty``):
+its colour alone; its colour and shape; or also its size or position."""
+
+
+def difficulty(shapes: list[Shape], i: int) -> str:
+    """``colour_only`` when no other shape has shape ``i``'s colour, ``needs_shape`` when no other has its
+    colour and shape, else ``needs_size_or_position`` (:data:`DIFFICULTIES`)."""
+    sh = shapes[i]
+    if sum(o.colour == sh.colour for o in shapes) == 1:
+        return "colour_only"
+    if sum(o.colour == sh.colour and o.shape == sh.shape for o in shapes) == 1:
+        return "needs_shape"
+    return "needs_size_or_position"
+
+
 def unique_expression(shapes: list[Shape], i: int) -> str | None:
     """The shortest expression that names shape ``i`` and no other one, or None (see the module docstring)."""
     sh = shapes[i]
@@ -305,7 +322,7 @@ def image_records(split: str, idx: int, image: str, shapes: list[Shape], backgro
                 out[task].append(
                     make_record(id=f"shapesref-{key}-{task}-{i}", image=image, task=task,
                                 messages=chat(res_prompt(expr), SEG_TOKEN), targets=[target_entry([rle], [box])],
-                                meta={**obj_meta, "expression": expr})
+                                meta={**obj_meta, "expression": expr, "difficulty": difficulty(shapes, i)})
                 )
     for k, (expr, idx_list, kind) in enumerate(group_expressions(shapes, rng)):
         target = target_entry([inst[i][0] for i in idx_list], [inst[i][1] for i in idx_list])

@@ -1,6 +1,7 @@
 """The main job: a tiny FCLM learns both directions on ShapesRef, on CPU, end to end.
 
-    python scripts/demo.py [--out runs/demo] [--quick]      (scripts/demo.sh installs first, then runs this)
+    python scripts/demo.py [--out runs/demo] [--quick] [--threads N] [--seed S] [--train-sam-encoder]
+                                                            (scripts/demo.sh installs first, then runs this)
 
 1. builds ShapesRef (``fclm-data synthetic``) and a tiny byte-level BPE on its training text;
 2. scores the untrained model (the baseline), runs demo stage 1 and demo stage 2 (``fclm-train``);
@@ -8,7 +9,9 @@
    ``fclm-infer`` + ``fclm-eval score``; captions through ``fclm-infer``); measures ``<pos>`` self-reconstruction and the latent
    cosine between ``z_seg`` and ``z_pos`` on held-out DL-RES pairs;
 4. writes overlays under ``OUT/overlays/``, ``OUT/summary.json`` and prints a table, each figure
-   beside its baseline;
+   beside its baseline; RES also per difficulty (``meta.difficulty`` of ShapesRef: the target told apart
+   by colour alone, by colour and shape, or only by size or position), captions also as the number of
+   held-out regions whose size and position words are right;
 5. asks the final model one held-out question with ``fclm-chat`` one-shot: ``OUT/chat_example.png``
    and ``OUT/chat_example.json``.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -35,6 +39,12 @@ from fclm.masks import decode_rle  # noqa: E402
 # Held-out records scored per task (the first ones of each file, deterministic).
 EVAL_LIMITS = {"res": 300, "region_caption": 150, "roc": 150, "dlres": 150}
 QUICK_LIMITS = {"res": 12, "region_caption": 6, "roc": 6, "dlres": 6}
+DIFFICULTIES = ("colour_only", "needs_shape", "needs_size_or_position")
+"""ShapesRef's ``meta.difficulty`` of a RES record (data_builders/synthetic.py)."""
+DEFAULT_THREADS = 1
+"""torch CPU threads unless ``--threads`` says otherwise. On an idle 2-core machine 2 threads are ~1.3×
+faster, but while another job uses a core they spin-wait for each other and stage 1 fell from ~100 to ~4
+samples/s (docs/benchmarks.md, "Threads on a shared CPU"); 1 thread stays near 75."""
 
 
 def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
@@ -52,11 +62,17 @@ def build_data(out: Path, n_train: int, n_val: int) -> Path:
     from data_builders.__main__ import main as data_main
 
     data = out / "shapesref"
-    if not (data / "manifest.json").is_file():
+    if not (data / "manifest.json").is_file() or not _has_difficulty(data / "val_res.jsonl"):
         rc = data_main(["synthetic", "--n", str(n_train), "--n-val", str(n_val), "--seed", "0", "--out", str(data)])
         if rc not in (0, None):
             raise SystemExit(f"ShapesRef build failed (exit {rc})")
     return data
+
+
+def _has_difficulty(path: Path) -> bool:
+    """Whether ShapesRef's RES records carry ``meta.difficulty`` (older builds do not: rebuilt)."""
+    first = read_jsonl(path, 1) if path.is_file() else []
+    return path.is_file() and (not first or "difficulty" in first[0].get("meta", {}))
 
 
 def build_tokenizer(data: Path, out: Path) -> Path:
@@ -151,17 +167,30 @@ def region_figures(model, records: list[dict], data: Path) -> dict:
     }
 
 
+def rescore_subset(task: str, records: list[dict], predictions: Path, subset: str, name: str, data: Path, out: Path) -> float | None:
+    """gIoU of an evaluation's own predictions on a subset of its records (``None`` when the subset is empty)."""
+    if not records:
+        return None
+    ids = {r["id"] for r in records}
+    preds = [p for p in read_jsonl(predictions) if p["id"] in ids]
+    write_jsonl(out / f"pred_{name}_{task}_{subset}.jsonl", preds)
+    return score(task, records, out / f"pred_{name}_{task}_{subset}.jsonl", data, out / f"score_{name}_{task}_{subset}")["giou"]
+
+
 def res_scores(model_dir: Path, name: str, val: dict, data: Path, out: Path) -> dict:
-    """RES on all held-out records (``fclm-eval run``) and on images with ≥ 2 objects (its predictions, rescored)."""
+    """RES on all held-out records (``fclm-eval run``), then its predictions rescored on images with ≥ 2
+    objects and per difficulty (``meta.difficulty``)."""
     run_dir = out / f"run_{name}_res"
     full = eval_run(model_dir, "res", val["res"], data, run_dir)
-    multi_ids = {r["id"] for r in val["res"] if val["objects_per_image"].get(r["image"], 0) >= 2}
-    multi = [r for r in val["res"] if r["id"] in multi_ids]
-    preds = [p for p in read_jsonl(run_dir / "predictions.jsonl") if p["id"] in multi_ids]
-    write_jsonl(out / f"pred_{name}_res_multi.jsonl", preds)
-    multi_score = score("res", multi, out / f"pred_{name}_res_multi.jsonl", data, out / f"score_{name}_res_multi")
-    return {"giou": full["giou"], "ciou": full["ciou"], "giou_multi": multi_score["giou"], "n": len(val["res"]),
-            "n_multi": len(multi), "command": full["command"], "predictions": run_dir / "predictions.jsonl"}
+    preds = run_dir / "predictions.jsonl"
+    multi = [r for r in val["res"] if val["objects_per_image"].get(r["image"], 0) >= 2]
+    result = {"giou": full["giou"], "ciou": full["ciou"], "giou_multi": rescore_subset("res", multi, preds, "multi", name, data, out),
+              "n": len(val["res"]), "n_multi": len(multi), "command": full["command"], "predictions": preds}
+    for d in DIFFICULTIES:
+        subset = [r for r in val["res"] if r["meta"].get("difficulty") == d]
+        result[f"giou_{d}"] = rescore_subset("res", subset, preds, d, name, data, out)
+        result[f"n_{d}"] = len(subset)
+    return result
 
 
 def all_objects_baseline(val: dict, data: Path, out: Path) -> float:
@@ -172,15 +201,34 @@ def all_objects_baseline(val: dict, data: Path, out: Path) -> float:
     return score("res", multi, out / "pred_all_objects_multi.jsonl", data, out / "score_all_objects_multi")["giou"]
 
 
+POSITION_PHRASE = re.compile(r"\b(in the center|on the (?:left|right)|at the (?:top|bottom)|in the (?:top|bottom) (?:left|right))\b")
+SIZE_WORD = re.compile(r"\b(small|large)\b")
+
+
+def caption_attributes(caption: str) -> tuple[str | None, str | None]:
+    """(size word, position phrase) of a ShapesRef caption's first sentence ("A large red circle in the top left …")."""
+    first = caption.lower().split(".")[0]
+    size, where = SIZE_WORD.search(first), POSITION_PHRASE.search(first)
+    return (size.group(1) if size else None), (where.group(1) if where else None)
+
+
 def caption_scores(model_dir: Path, name: str, val: dict, train_captions: list[str], data: Path, out: Path) -> dict:
+    """Token F1 against the constant caption, the held-out regions whose size / position words are right, and ROC."""
     preds = infer(model_dir, val["region_caption"], data, out / f"pred_{name}_caption.jsonl")
     by_id = {p["id"]: p["text"] for p in preds}
     gts = {r["id"]: r["messages"][-1]["content"] for r in val["region_caption"]}
     constant = Counter(train_captions).most_common(1)[0][0]
+    right = {"size": 0, "position": 0}
+    for i, g in gts.items():
+        for key, p_attr, g_attr in zip(("size", "position"), caption_attributes(by_id.get(i, "")), caption_attributes(g)):
+            right[key] += int(p_attr is not None and p_attr == g_attr)
     roc = eval_run(model_dir, "roc", val["roc"], data, out / f"run_{name}_roc")
     return {
         "caption_token_f1": float(np.mean([token_f1(by_id.get(i, ""), g) for i, g in gts.items()])),
         "caption_token_f1_constant": float(np.mean([token_f1(constant, g) for g in gts.values()])),
+        "caption_size_right": right["size"],
+        "caption_position_right": right["position"],
+        "caption_n": len(gts),
         "constant_caption": constant,
         "roc_siou": roc["siou"],
         "roc_ss": roc.get("ss"),
@@ -252,11 +300,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--stage1-steps", type=int, default=None, help="override demo_stage1.yaml max_steps")
     ap.add_argument("--stage2-steps", type=int, default=None, help="override demo_stage2.yaml max_steps")
     ap.add_argument("--quick", action="store_true", help="a smoke run: little data, a few steps (for tests)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                    help=f"torch CPU threads (default {DEFAULT_THREADS}: fast on a shared machine; see DEFAULT_THREADS)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the model initialisation and of both stages' training")
+    ap.add_argument("--train-sam-encoder", action="store_true",
+                    help="stage 1 also trains the SAM image encoder (no SAM embedding cache; slower)")
     args = ap.parse_args(argv)
     torch.set_flush_denormal(True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    print(f"[demo] torch CPU threads: {args.threads} (--threads; 1 stays fast when other jobs share the CPU)", flush=True)
     start = time.perf_counter()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -265,8 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
     s1 = args.stage1_steps or (4 if args.quick else None)
     s2 = args.stage2_steps or (2 if args.quick else None)
 
-    from fclm.config import preset
     from fclm.model import FCLM, build_fclm
+    from fclm.training.config import load_train_config
 
     data = build_data(out, n_train, n_val)
     tok_dir = build_tokenizer(data, out)
@@ -274,22 +326,24 @@ def main(argv: list[str] | None = None) -> dict:
     train_captions = [r["messages"][-1]["content"] for r in read_jsonl(data / "train_region_caption.jsonl")]
     evals = out / "eval"
     evals.mkdir(exist_ok=True)
-    common = [f"data.root={data}", f"model.backbone.tokenizer={tok_dir}", f"sam_cache.dir={out / 'sam_cache'}",
-              "logging.progress_bar=false"]
-    if args.threads:
-        common.append(f"cpu_threads={args.threads}")
+    common = [f"data.root={data}", f"sam_cache.dir={out / 'sam_cache'}", "logging.progress_bar=false",
+              f"cpu_threads={args.threads}", f"seed={args.seed}"]
+    stage1_extra = ["trainability.sam_image_encoder=full", "sam_cache.enabled=false"] if args.train_sam_encoder else []
+    if args.quick:
+        stage1_extra += ["recon_warmup.steps=4", "recon_warmup.max_regions=16"]
 
-    # The untrained baseline: the same initialisation stage 1 starts from (seed 0).
-    cfg = preset("tiny")
-    cfg.backbone.tokenizer = str(tok_dir)
-    untrained_dir = out / "untrained"
-    if not (untrained_dir / "fclm_config.json").is_file():
-        torch.manual_seed(0)
-        build_fclm(cfg).save_pretrained(untrained_dir)
+    # The untrained baseline: the same initialisation stage 1 starts from (its seed, the model of its YAML).
+    stage1_cfg = load_train_config(ROOT / "train" / "configs" / "demo_stage1.yaml",
+                                   [f"model.backbone.tokenizer={tok_dir}", *common], check_files=False)
+    cfg = stage1_cfg.model
+    untrained_dir = out / "untrained"  # rebuilt every run (seconds): the config or seed may have changed
+    torch.manual_seed(args.seed)
+    build_fclm(cfg).save_pretrained(untrained_dir)
     res0 = res_scores(untrained_dir, "untrained", val, data, evals)
 
     t1 = time.perf_counter()
-    run_stage("demo_stage1.yaml", [f"output_dir={out / 'stage1'}", *common] + ([f"max_steps={s1}"] if s1 else []))
+    run_stage("demo_stage1.yaml", [f"output_dir={out / 'stage1'}", f"model.backbone.tokenizer={tok_dir}", *common, *stage1_extra]
+              + ([f"max_steps={s1}"] if s1 else []))
     t2 = time.perf_counter()
     stage1_dir = out / "stage1" / "export"
     dlres1 = eval_run(stage1_dir, "dlres", val["dlres"], data, evals / "run_stage1_dlres")
@@ -297,8 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
     res1 = res_scores(stage1_dir, "stage1", val, data, evals)
 
     t3 = time.perf_counter()
-    run_stage("demo_stage2.yaml", [f"output_dir={out / 'stage2'}", f"init_from={out / 'stage1' / 'export'}",
-                                   *[c for c in common if not c.startswith("model.")]] + ([f"max_steps={s2}"] if s2 else []))
+    run_stage("demo_stage2.yaml", [f"output_dir={out / 'stage2'}", f"init_from={out / 'stage1' / 'export'}", *common]
+              + ([f"max_steps={s2}"] if s2 else []))
     t4 = time.perf_counter()
     final_dir = out / "stage2" / "export"
     res = res_scores(final_dir, "final", val, data, evals)
@@ -312,15 +366,24 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "res_giou": res["giou"], "res_ciou": res["ciou"], "res_giou_untrained": res0["giou"],
         "res_giou_multi": res["giou_multi"], "res_giou_all_objects_multi": all_objects_baseline(val, data, evals),
+        **{f"res_giou_{d}": res[f"giou_{d}"] for d in DIFFICULTIES},
+        **{f"res_giou_{d}_untrained": res0[f"giou_{d}"] for d in DIFFICULTIES},
         "pos_recon_iou": region2["pos_recon_iou"], "pos_recon_iou_pooled": region2["pos_recon_iou_pooled"],
         "caption_token_f1": captions["caption_token_f1"], "caption_token_f1_constant": captions["caption_token_f1_constant"],
+        "caption_size_right": captions["caption_size_right"], "caption_position_right": captions["caption_position_right"],
+        "caption_size_right_frac": captions["caption_size_right"] / max(1, captions["caption_n"]),
+        "caption_position_right_frac": captions["caption_position_right"] / max(1, captions["caption_n"]),
         "roc_siou": captions["roc_siou"], "roc_ss": captions["roc_ss"],
         "dlres_giou_stage1": dlres1["giou"], "dlres_giou_stage2": dlres2["giou"],
         "latent_cos_start": region1["latent_cos"], "latent_cos_end": region2["latent_cos"],
         "pos_recon_iou_stage1": region1["pos_recon_iou"], "res_giou_stage1": res1["giou"],
         "wall_seconds": time.perf_counter() - start,
         "stage1_seconds": t2 - t1, "stage2_seconds": t4 - t3,
-        "n_eval": {"res": res["n"], "res_multi": res["n_multi"], **{t: len(val[t]) for t in ("region_caption", "roc", "dlres")}},
+        "n_eval": {"res": res["n"], "res_multi": res["n_multi"], **{f"res_{d}": res[f"n_{d}"] for d in DIFFICULTIES},
+                   **{t: len(val[t]) for t in ("region_caption", "roc", "dlres")}},
+        "threads": args.threads, "seed": args.seed, "train_sam_encoder": args.train_sam_encoder,
+        "seg_query_norm": cfg.seg_query_norm,
+        "load_average": os.getloadavg(),
         "constant_caption": captions["constant_caption"],
         "overlays": overlay_paths,
         "res_command": res["command"],
@@ -333,10 +396,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 GOALS = [
-    ("res_giou", "res_giou_untrained", "≥ 0.75"),
-    ("res_giou_multi", "res_giou_all_objects_multi", "≥ 0.70 and ≥ baseline + 0.3"),
+    ("res_giou", "res_giou_untrained", "≥ 0.6"),
+    ("res_giou_colour_only", "res_giou_colour_only_untrained", "≥ 0.8"),
+    ("res_giou_needs_shape", "res_giou_needs_shape_untrained", ""),
+    ("res_giou_needs_size_or_position", "res_giou_needs_size_or_position_untrained", ""),
+    ("res_giou_multi", "res_giou_all_objects_multi", "≥ baseline + 0.3"),
     ("pos_recon_iou", "pos_recon_iou_pooled", "≥ 0.9 and > baseline"),
-    ("caption_token_f1", "caption_token_f1_constant", "≥ 0.8 and ≥ baseline + 0.3"),
+    ("caption_token_f1", "caption_token_f1_constant", "≥ 0.8 and ≥ baseline + 0.15"),
+    ("caption_size_right_frac", None, "≥ 0.8"),
+    ("caption_position_right_frac", None, "≥ 0.5"),
     ("roc_siou", None, "≥ 0.8"),
     ("dlres_giou_stage2", "dlres_giou_stage1", "≥ stage 1"),
     ("latent_cos_end", "latent_cos_start", "> stage 1"),
@@ -344,14 +412,26 @@ GOALS = [
 ]
 
 
+def _fmt(value: float | None) -> str:
+    return "       -" if value is None else f"{value:8.3f}"
+
+
 def print_table(summary: dict) -> None:
     print("\nFCLM demo summary (held-out ShapesRef)")
-    print(f"| {'figure':<28} | {'value':>8} | {'baseline':<28} | {'value':>8} | goal")
-    print(f"|{'-' * 30}|{'-' * 10}|{'-' * 30}|{'-' * 10}|------")
+    print(f"| {'figure':<32} | {'value':>8} | {'baseline':<42} | {'value':>8} | goal")
+    print(f"|{'-' * 34}|{'-' * 10}|{'-' * 44}|{'-' * 10}|------")
     for key, base, goal in GOALS:
-        b = f"{summary[base]:8.3f}" if base else " " * 8
-        print(f"| {key:<28} | {summary[key]:8.3f} | {base or '':<28} | {b} | {goal}")
-    print(f"\nres_ciou {summary['res_ciou']:.3f}; overlays in {Path(summary['overlays'][0]).parent if summary['overlays'] else '-'}")
+        b = _fmt(summary[base]) if base else " " * 8
+        print(f"| {key:<32} | {_fmt(summary[key])} | {base or '':<42} | {b} | {goal}")
+    n = summary["n_eval"]
+    print(f"\nres_ciou {summary['res_ciou']:.3f}; RES records: {n['res']} ({n['res_multi']} on images with ≥ 2 objects; "
+          f"{n['res_colour_only']} colour only, {n['res_needs_shape']} need shape, {n['res_needs_size_or_position']} need size "
+          f"or position); captions with the right size {summary['caption_size_right']} / {n['region_caption']}, "
+          f"position {summary['caption_position_right']} / {n['region_caption']}")
+    print(f"threads {summary['threads']}, seed {summary['seed']}, seg_query_norm {summary['seg_query_norm']}, "
+          f"SAM image encoder trained: {summary['train_sam_encoder']}; stage 1 {summary['stage1_seconds']:.0f} s, "
+          f"stage 2 {summary['stage2_seconds']:.0f} s; overlays in "
+          f"{Path(summary['overlays'][0]).parent if summary['overlays'] else '-'}")
     print(f"res_giou is reproduced by: {summary['res_command']}")
     print(f"one question, answered like a user would ask it: {summary['chat_example']['command']}")
 

@@ -4,10 +4,13 @@ FCLM uses three: ``seg_projector`` (h[SEG] → z_seg), ``pos_projector`` (<pos> 
 for the self-reconstruction ablation, ``mask_projector`` (<mask> token → prompt space).
 
 ``seg_projector`` may standardise its input first (:class:`FeatureStandardize`, config
-``seg_query_norm: standardize``). In a randomly initialised LLM the ``[SEG]`` state is almost the same
-vector in every sample (its own embedding dominates the residual stream) and the part that depends on
-the expression is ~1% of its variance; without standardisation the mask decoder learns to ignore the
-query and the mask loss never teaches the LLM to route the expression (docs/benchmarks.md, "Demo").
+``seg_query_norm: standardize``; every preset uses the plain projector, ``none``). In a randomly
+initialised LLM the ``[SEG]`` state is almost the same vector in every sample (its own embedding
+dominates the residual stream) and the part that depends on the expression is ~1% of its variance. With
+the old demo recipe (LoRA r16 with dropout, new-token rows only, AdamW betas (0.9, 0.999), cosine lr) the
+mask decoder then learned to ignore the query unless h[SEG] was standardised; with every input-embedding
+row trainable, LoRA r8 without dropout and AdamW betas (0.9, 0.95), clipping at 1.0 and a constant lr the
+plain projector routed too in RES-only runs (docs/benchmarks.md, "Consistency learning").
 """
 
 from __future__ import annotations

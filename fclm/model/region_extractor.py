@@ -33,16 +33,31 @@ from torchvision.ops import roi_align
 
 from fclm.config import RegionExtractorConfig
 
-__all__ = ["HybridRegionExtractor", "build_region_extractor"]
+__all__ = ["HybridRegionExtractor", "build_region_extractor", "with_legacy_position_branch"]
+
+LEGACY_POSITION_BRANCH = {"pos_hidden_dim": None, "pos_layers": 3, "pos_activation": "gelu", "pos_norm": "none"}
+"""The position branch of models saved before its options existed (3 GELU layers ``hidden_dim`` wide)."""
 
 
-def _mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> nn.Sequential:
+def with_legacy_position_branch(config: dict) -> dict:
+    """A saved model config (plain data) whose ``region_extractor`` names no position-branch option gets
+    :data:`LEGACY_POSITION_BRANCH`, so that older exports still load with the weights they hold."""
+    ext = config.get("region_extractor")
+    if isinstance(ext, dict) and not any(k in ext for k in LEGACY_POSITION_BRANCH):
+        return {**config, "region_extractor": {**ext, **LEGACY_POSITION_BRANCH}}
+    return config
+
+
+def _mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, *, activation: str = "gelu", norm: bool = False) -> nn.Sequential:
+    """``Linear → [LayerNorm] → act → … → Linear`` (no activation after the last layer)."""
     dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
     layers: list[nn.Module] = []
     for i in range(num_layers):
         layers.append(nn.Linear(dims[i], dims[i + 1]))
         if i < num_layers - 1:
-            layers.append(nn.GELU())
+            if norm:
+                layers.append(nn.LayerNorm(dims[i + 1]))
+            layers.append(nn.GELU() if activation == "gelu" else nn.ReLU())
     return nn.Sequential(*layers)
 
 
@@ -57,6 +72,8 @@ class HybridRegionExtractor(nn.Module):
       num_heads: heads of the pixel-enhancement attention and of the deformable sampling.
       num_points: deformable sampling points per head.
       pooled_mask_size: P, the position branch's pooled-mask side.
+      pos_hidden_dim, pos_layers, pos_activation, pos_norm: the position MLP (width, default ``hidden_dim``;
+        Linear layers; ``gelu``/``relu``; ``layernorm`` after each hidden layer or ``none``).
       local_aggregation, pixel_enhancement, semantic_guidance: the three semantic steps.
     """
 
@@ -70,6 +87,10 @@ class HybridRegionExtractor(nn.Module):
         num_heads: int = 4,
         num_points: int = 4,
         pooled_mask_size: int = 16,
+        pos_hidden_dim: int | None = None,
+        pos_layers: int = 3,
+        pos_activation: str = "gelu",
+        pos_norm: str = "none",
         local_aggregation: bool = True,
         pixel_enhancement: bool = True,
         semantic_guidance: bool = True,
@@ -77,6 +98,8 @@ class HybridRegionExtractor(nn.Module):
         super().__init__()
         if hidden_dim % num_heads:
             raise ValueError(f"hidden_dim {hidden_dim} must be divisible by num_heads {num_heads}")
+        if pos_activation not in ("gelu", "relu") or pos_norm not in ("none", "layernorm"):
+            raise ValueError(f"pos_activation must be gelu|relu and pos_norm none|layernorm, got {pos_activation!r}, {pos_norm!r}")
         self.sam_dim = sam_dim
         self.vision_dim = vision_dim
         self.llm_dim = llm_dim
@@ -104,7 +127,8 @@ class HybridRegionExtractor(nn.Module):
         self.mask_out = _mlp(hidden_dim, hidden_dim, llm_dim, 2)
 
         # Position branch: pooled mask over the image + over its box, centre (2), size (2).
-        self.pos_mlp = _mlp(2 * pooled_mask_size**2 + 4, hidden_dim, llm_dim, 3)
+        self.pos_mlp = _mlp(2 * pooled_mask_size**2 + 4, pos_hidden_dim or hidden_dim, llm_dim, pos_layers,
+                            activation=pos_activation, norm=pos_norm == "layernorm")
 
     def _reset_deformable(self) -> None:
         """Deformable DETR's initialisation: zero offset weights, bias = one direction per head with
@@ -177,8 +201,12 @@ class HybridRegionExtractor(nn.Module):
             vision_features=vision_features,
             dtype=dtype,
         )
-        pos_tokens = self.pos_mlp(self.position_features(region_masks, region_boxes, region_batch_index, valid_hw).to(dtype))
+        pos_tokens = self.position_token(self.position_features(region_masks, region_boxes, region_batch_index, valid_hw).to(dtype))
         return mask_tokens, pos_tokens
+
+    def position_token(self, features: torch.Tensor) -> torch.Tensor:
+        """(R, 2·P² + 4) position features (:meth:`position_features`) → (R, D_llm) ``<pos>`` tokens."""
+        return self.pos_mlp(features)
 
     # ---------------------------------------------------------------------------------------------
     def _semantic_branch(
@@ -303,6 +331,10 @@ def build_region_extractor(cfg: RegionExtractorConfig, *, sam_dim: int, vision_d
         num_heads=cfg.num_heads,
         num_points=cfg.num_points,
         pooled_mask_size=cfg.pooled_mask_size,
+        pos_hidden_dim=cfg.pos_hidden_dim,
+        pos_layers=cfg.pos_layers,
+        pos_activation=cfg.pos_activation,
+        pos_norm=cfg.pos_norm,
         local_aggregation=cfg.local_aggregation,
         pixel_enhancement=cfg.pixel_enhancement,
         semantic_guidance=cfg.semantic_guidance,

@@ -99,6 +99,23 @@ def test_res_expressions_are_unique_and_match_their_target(shapes_dir):
     assert n > 40
 
 
+def test_res_difficulty_says_what_tells_the_target_apart(shapes_dir):
+    objs = objects_by_image(shapes_dir, "train")
+    seen = Counter()
+    for r in read_jsonl(shapes_dir / "train_res.jsonl"):
+        words = r["meta"]["expression"].split()
+        colour = next(w for w in words if w in synthetic.COLOURS)
+        shape = words[words.index(colour) + 1]
+        others = objs[r["meta"]["image_index"]]
+        same_colour = [o for o in others if o["colour"] == colour]
+        same_kind = [o for o in same_colour if o["shape"] == shape]
+        want = "colour_only" if len(same_colour) == 1 else "needs_shape" if len(same_kind) == 1 else "needs_size_or_position"
+        assert r["meta"]["difficulty"] == want, r["meta"]
+        assert (len(words) > 3) == (want == "needs_size_or_position")  # the expression names size or position
+        seen[want] += 1
+    assert set(seen) <= set(synthetic.DIFFICULTIES) and seen["colour_only"] and seen["needs_shape"]
+
+
 def test_gres_targets_are_exactly_the_matching_objects(shapes_dir):
     objs = objects_by_image(shapes_dir, "train")
     kinds = Counter()

@@ -235,7 +235,10 @@ def test_generate_matches_a_hand_written_greedy_loop(model):
 
 def test_seg_query_norm_learns_statistics_in_training_and_save_load_keeps_them(batch, tmp_path):
     torch.manual_seed(0)
-    fresh = build_fclm(preset("tiny")).train()
+    assert build_fclm(preset("tiny")).seg_projector.norm is None  # every preset: LISA's plain projector
+    cfg = preset("tiny")
+    cfg.seg_query_norm = "standardize"
+    fresh = build_fclm(cfg).train()
     norm = fresh.seg_projector.norm
     assert norm is not None and int(norm.num_batches) == 0
     out = fresh(batch)  # the first batch sets the statistics and is normalised with them
@@ -252,4 +255,4 @@ def test_seg_query_norm_learns_statistics_in_training_and_save_load_keeps_them(b
     torch.testing.assert_close(loaded.seg_projector.norm.running_mean, norm.running_mean, rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch)["seg_embeddings"], fresh(batch)["seg_embeddings"], rtol=0, atol=0)
-    assert preset("fclm-3b").seg_query_norm == preset("fclm-7b").seg_query_norm == "none"  # LISA's plain projector
+    assert {preset(n).seg_query_norm for n in ("tiny", "small", "fclm-3b", "fclm-7b")} == {"none"}  # one wiring

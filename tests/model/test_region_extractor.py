@@ -204,3 +204,30 @@ def test_bad_inputs_are_named() -> None:
         ex(**{**inputs, "vision_features": None})
     with pytest.raises(ValueError, match=r"vision_features\[1\] must be \(gh,gw,32\)"):
         ex(**{**inputs, "vision_features": [inputs["vision_features"][0], torch.randn(4, 4, 7)]})
+
+
+def test_position_branch_options_build_the_mlp_they_name() -> None:
+    ex = _extractor(pos_hidden_dim=48, pos_layers=4, pos_activation="relu", pos_norm="layernorm")
+    kinds = [type(m).__name__ for m in ex.pos_mlp]
+    assert kinds == ["Linear", "LayerNorm", "ReLU"] * 3 + ["Linear"]
+    assert [m.out_features for m in ex.pos_mlp if isinstance(m, torch.nn.Linear)] == [48, 48, 48, D_LLM]
+    _, pos_tokens = ex(**_inputs())
+    feats = ex.position_features(_inputs()["region_masks"], _inputs()["region_boxes"], torch.tensor([0, 1, 1]), _inputs()["valid_hw"])
+    torch.testing.assert_close(pos_tokens, ex.position_token(feats))
+    plain = _extractor(pos_hidden_dim=None, pos_layers=1, pos_norm="none")
+    assert [type(m).__name__ for m in plain.pos_mlp] == ["Linear"]
+    with pytest.raises(ValueError, match="pos_layers"):
+        dataclasses.replace(preset("tiny").region_extractor, pos_layers=0)
+    with pytest.raises(ValueError, match="pos_norm"):
+        HybridRegionExtractor(sam_dim=C, vision_dim=D_VIS, llm_dim=D_LLM, hidden_dim=64, pos_norm="batchnorm")
+
+
+def test_older_saved_configs_keep_their_position_branch() -> None:
+    from fclm.config import FCLMConfig, from_dict, to_dict
+    from fclm.model.region_extractor import LEGACY_POSITION_BRANCH, with_legacy_position_branch
+
+    saved = to_dict(preset("tiny"))
+    old = {**saved, "region_extractor": {k: v for k, v in saved["region_extractor"].items() if not k.startswith("pos_")}}
+    cfg = from_dict(FCLMConfig, with_legacy_position_branch(old))
+    assert {k: getattr(cfg.region_extractor, k) for k in LEGACY_POSITION_BRANCH} == LEGACY_POSITION_BRANCH
+    assert with_legacy_position_branch(saved) == saved  # a config that names the options keeps them

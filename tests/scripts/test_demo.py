@@ -12,7 +12,9 @@ KEYS = {
     "res_giou", "res_ciou", "res_giou_untrained", "res_giou_multi", "res_giou_all_objects_multi",
     "pos_recon_iou", "pos_recon_iou_pooled", "caption_token_f1", "caption_token_f1_constant", "roc_siou",
     "dlres_giou_stage1", "dlres_giou_stage2", "latent_cos_start", "latent_cos_end", "wall_seconds",
+    "caption_size_right_frac", "caption_position_right_frac",
 }
+DIFFICULTY_KEYS = {"res_giou_colour_only", "res_giou_needs_shape", "res_giou_needs_size_or_position"}
 
 
 def _demo_module():
@@ -30,13 +32,27 @@ def test_token_f1_against_hand_values():
     assert demo.token_f1("", "a red circle") == 0.0
 
 
+def test_caption_attributes_read_size_and_position_of_the_first_sentence():
+    demo = _demo_module()
+    assert demo.caption_attributes("A large red circle in the top left of the image. It is partly hidden.") == ("large", "in the top left")
+    assert demo.caption_attributes("A small blue square on the right of the image.") == ("small", "on the right")
+    assert demo.caption_attributes("A small blue square at the bottom of the image.") == ("small", "at the bottom")
+    assert demo.caption_attributes("A red circle. It is large, in the center.") == (None, None)  # first sentence only
+
+
 def test_quick_demo_writes_summary_overlays_and_exports(tmp_path):
     demo = _demo_module()
-    summary = demo.main(["--quick", "--out", str(tmp_path / "demo"), "--threads", "1"])
+    summary = demo.main(["--quick", "--out", str(tmp_path / "demo")])
     on_disk = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert KEYS <= set(on_disk) and on_disk["quick"] is True
+    assert KEYS | DIFFICULTY_KEYS <= set(on_disk) and on_disk["quick"] is True
+    assert on_disk["threads"] == demo.DEFAULT_THREADS == 1 and on_disk["seg_query_norm"] == "none"
     for key in KEYS - {"wall_seconds", "latent_cos_start", "latent_cos_end"}:
         assert 0.0 <= on_disk[key] <= 1.0, key
+    for key in DIFFICULTY_KEYS:  # None when the quick split holds no record of that difficulty
+        assert on_disk[key] is None or 0.0 <= on_disk[key] <= 1.0, key
+    n = on_disk["n_eval"]
+    assert n["res_colour_only"] + n["res_needs_shape"] + n["res_needs_size_or_position"] == n["res"]
+    assert 0 <= on_disk["caption_size_right"] <= n["region_caption"]
     assert -1.0 <= on_disk["latent_cos_start"] <= 1.0 and -1.0 <= on_disk["latent_cos_end"] <= 1.0
     assert summary["res_giou"] == on_disk["res_giou"]
     # the pooled-mask baseline is a real measurement: upsampling a 16×16 pooling of the mask

@@ -40,11 +40,15 @@ def _expected(model, policy: TrainabilityPolicy) -> int:
             if isinstance(mod, nn.Linear) and name.split(".")[-1] in policy.lora.target_modules:
                 n += policy.lora.r * (mod.in_features + mod.out_features)
     head_full = policy.llm == "lora" and policy.lm_head == "full"
+    embed_full = policy.llm == "lora" and policy.embed_tokens == "full"
     if head_full:
         n += qwen.lm_head.weight.numel()
+    if embed_full:
+        n += lm.embed_tokens.weight.numel()
     if policy.new_token_rows and policy.llm != "full":
         rows = len({model.token_ids[k] for k in ("mask", "pos", "seg")})
-        n += rows * lm.embed_tokens.embedding_dim  # input embedding rows
+        if not embed_full:
+            n += rows * lm.embed_tokens.embedding_dim  # input embedding rows
         if not head_full:
             n += rows * qwen.lm_head.in_features  # lm_head rows (untied in FCLM's tiny backbone)
     sam = model.sam
@@ -70,6 +74,8 @@ POLICIES = {
     "llm_full": TrainabilityPolicy(llm="full", vision_tower="full"),
     "rows_only": TrainabilityPolicy(llm="frozen", region_extractor="frozen", projectors="frozen", sam_decoder="frozen", heads="frozen"),
     "lora_lm_head_full": TrainabilityPolicy(lm_head="full"),
+    "lora_embed_full": TrainabilityPolicy(embed_tokens="full"),
+    "lora_embed_and_lm_head_full": TrainabilityPolicy(embed_tokens="full", lm_head="full"),
     "lora_no_rows_r4": TrainabilityPolicy(new_token_rows=False, lora=LoraOptions(r=4, target_modules=("q_proj", "v_proj"))),
 }
 
@@ -105,8 +111,13 @@ def test_stage2_freezes_what_stage1_trained(base_model):
 
 
 def test_running_statistics_follow_the_projectors_mode(base_model):
-    """The seg projector's FeatureStandardize (tiny preset) updates its statistics only where projectors train."""
-    model = copy.deepcopy(base_model)
+    """The seg projector's FeatureStandardize (``seg_query_norm: standardize``) updates its statistics only
+    where projectors train."""
+    from fclm.model import build_fclm
+
+    cfg = preset("tiny")
+    cfg.seg_query_norm = "standardize"
+    model = build_fclm(cfg)
     norm = model.seg_projector.norm
     assert norm is not None
     apply_trainability(model, STAGE_POLICIES[2])

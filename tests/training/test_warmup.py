@@ -1,0 +1,66 @@
+"""The self-reconstruction warm-up: it trains only the position branch, the pos projector and the SAM
+decoder, lowers the reconstruction loss, and a run with it skips it when resuming."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from data_builders.__main__ import main as data_main
+from fclm.config import preset
+from fclm.losses import FCLMCriterion
+from fclm.training.config import train_config_from_dict
+from fclm.training.trainability import apply_trainability
+from fclm.training.warmup import collect_regions, reconstruction_warmup
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapesref")
+    assert data_main(["synthetic", "--n", "12", "--n-val", "2", "--seed", "1", "--out", str(out)]) == 0
+    return out
+
+
+def _cfg(shapes, **warmup):
+    return train_config_from_dict({
+        "stage": 1, "model": {"preset": "tiny"}, "output_dir": str(shapes / "run"),
+        "data": {"root": str(shapes), "train": [{"path": "train_res.jsonl"}, {"path": "train_roc.jsonl"}]},
+        "recon_warmup": {"steps": 30, "batch_size": 8, "lr": 3e-3, "max_regions": 24, **warmup},
+        "logging": {"every": 1},
+    })
+
+
+def test_warmup_trains_the_position_path_only_and_lowers_the_loss(shapes):
+    from fclm.model import build_fclm
+
+    cfg = _cfg(shapes)
+    torch.manual_seed(0)
+    model = build_fclm(cfg.model)
+    apply_trainability(model, cfg.trainability)
+    before = copy.deepcopy(model.state_dict())
+    encode = lambda batch: model.sam.encode(batch["sam_images"])  # noqa: E731
+    regions = collect_regions(model, [r for r in _records(shapes)][:5], encode=encode)
+    assert regions["features"].shape[0] == regions["masks"].shape[0] == regions["embeddings"].shape[0] == 5
+    first = reconstruction_warmup(model, _cfg(shapes, steps=1), encode=encode, criterion=FCLMCriterion(cfg.loss))
+    result = reconstruction_warmup(model, cfg, encode=encode, criterion=FCLMCriterion(cfg.loss))
+    assert result["regions"] == 24 and result["steps"] == 30
+    assert result["loss_self_recon"] < first["loss_self_recon"]
+    changed = {k.split(".")[0] + "." + k.split(".")[1] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"region_extractor.pos_mlp", "pos_projector.layers", "sam.prompt_encoder", "sam.mask_decoder"}
+
+
+def _records(shapes):
+    import json
+
+    with open(shapes / "train_roc.jsonl") as f:
+        return [{**r, "image": str(shapes / r["image"])} for r in map(json.loads, f)]
+
+
+def test_warmup_config_is_checked(shapes):
+    from fclm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="recon_warmup"):
+        _cfg(shapes, steps=-1)
+    assert preset("tiny").region_extractor.pos_layers >= 1
