@@ -28,11 +28,13 @@ def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _clean_state():
-    """One torch thread (the CPU is shared), and accelerate / env / threads / denormal flushing restored after each test."""
+    """One torch thread (the CPU is shared), and accelerate / env / threads / denormal flushing / ``F.linear`` restored after each test."""
     threads = torch.get_num_threads()
     env = dict(os.environ)
+    linear = torch.nn.functional.linear  # DeepSpeed's zero.Init can leave its zero3_linear_wrap installed here
     torch.set_num_threads(1)
     yield
+    torch.nn.functional.linear = linear
     torch.set_num_threads(threads)
     torch.set_flush_denormal(False)  # programs run in-process set it; hypothesis refuses to run with it on
     os.environ.clear()
