@@ -32,22 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from demo import build_data, build_tokenizer, read_jsonl  # noqa: E402  (scripts/demo.py: same data and tokenizer)
 from fclm.io import write_json, write_jsonl  # noqa: E402
 from fclm.masks import decode_mask, mask_to_box  # noqa: E402
 
 EVAL_LIMITS = {"res": 300, "gres": 300}
 QUICK_LIMITS = {"res": 8, "gres": 8}
-
-
-def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
-    out = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                out.append(json.loads(line))
-                if limit is not None and len(out) >= limit:
-                    break
-    return out
 
 
 def train(config: str, overrides: list[str]) -> None:
@@ -179,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch CPU threads (default 1: fast on a shared machine, as scripts/demo.py)")
     # scripts/demo.sh passes its arguments to scripts/demo.py and then here: ignore demo.py's own options
     args, _ = ap.parse_known_args(argv)
-    from demo import build_data, build_tokenizer
 
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
