@@ -242,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['n_gres_no_target']} no-target), wall {summary['wall_s']:.0f} s")
     for name, value, base_name, base_value in rows:
         v = "n/a" if value is None else f"{value:.3f}"
-        b = "" if base_value is None else (base_value if isinstance(base_value, str) else f"{base_value:.3f}")
+        if base_value is None:
+            b = "not run (--c3vg-ablation)" if "consistency" in base_name else ""
+        else:
+            b = base_value if isinstance(base_value, str) else f"{base_value:.3f}"
         print(f"  {name:32s} {v:>7s}   {base_name} {b}")
     print(f"summary: {out / 'heads_summary.json'}")
     return 0
