@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
+from transformers.image_transforms import corners_to_center_format
 from transformers.loss.loss_for_object_detection import center_to_corners_format, generalized_box_iou
 
 from fclm.losses._utils import graph_zero
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IGVG_LOSS_WEIGHTS", "IGVGCriterion", "build_igvg_criterion", "igvg_match_costs", "point_guided_match",
-    "cover_acc", "corners_to_center",
+    "cover_acc",
 ]
 
 IGVG_LOSS_WEIGHTS: dict[str, float] = {
@@ -58,12 +59,6 @@ IGVG_LOSS_WEIGHTS: dict[str, float] = {
 _EXISTS_CLASS_WEIGHTS = (1.1, 0.9)
 """(no-target, target) weights of the no-target BCE: the authors' ``refer_ce_loss`` weights [0.9, 1.1] on
 their (target, empty) classes; normalised by the batch's total weight as ``F.cross_entropy`` does."""
-
-
-def corners_to_center(boxes: torch.Tensor) -> torch.Tensor:
-    """(…,4) xyxy → cx, cy, w, h."""
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1)
 
 
 @torch.no_grad()
@@ -92,7 +87,7 @@ def igvg_match_costs(
     tgt = torch.cat([t.float().reshape(-1, 4) for t in target_boxes]).to(boxes.device) if n else boxes.new_zeros(0, 4)
     if tgt.shape[0] == 0:
         return [torch.zeros(q, 0) for _ in range(n)]
-    tgt_c = corners_to_center(tgt)
+    tgt_c = corners_to_center_format(tgt)
     cost = (
         cost_class * -prob[:, None].expand(-1, tgt.shape[0])
         + cost_box_l1 * torch.cdist(boxes, tgt_c, p=1)
@@ -242,7 +237,7 @@ class IGVGCriterion:
             return cls, zero, zero.clone()
         src_boxes = boxes[rows, src].float()
         tgt = torch.cat([b[j.to(device)] for b, (_, j) in zip(tgt_boxes, match)])
-        l1 = F.l1_loss(src_boxes, corners_to_center(tgt), reduction="sum") / num_boxes
+        l1 = F.l1_loss(src_boxes, corners_to_center_format(tgt), reduction="sum") / num_boxes
         giou = (1 - torch.diag(generalized_box_iou(center_to_corners_format(src_boxes), tgt))).sum() / num_boxes
         return cls, l1, giou
 
