@@ -299,3 +299,25 @@ def test_text_fusion_lets_the_expression_reach_the_pixels_without_the_query() ->
     assert not torch.allclose(masks[True][0], masks[True][1])
     torch.testing.assert_close(masks[False][0], masks[False][1])
     del dataclasses
+
+
+def test_image_features_carry_their_position_even_when_the_encoder_does_not(sam: SamBackend) -> None:
+    """A spatially constant embedding (a random SAM's zero ``pos_embed``) still gives the query position-bearing
+    values: moving where the query attends moves its coarse box."""
+    head = _head(sam, text_fusion=False).eval()
+    inputs = _inputs(1, text=False)
+    flat = inputs.image_embeddings.mean((2, 3), keepdim=True).expand(-1, -1, G, G).contiguous()
+    inputs = dataclasses.replace(inputs, image_embeddings=flat)
+    boxes = []
+    for cell in (0, G * G - 1):  # the query attends (almost) only to the top-left, then the bottom-right cell
+        key_bias = torch.zeros(G * G, C)
+        key_bias[cell] = 50.0
+
+        def hook(module, args, kwargs, cell_bias=key_bias):
+            return args, {**kwargs, "memory_pos": kwargs["memory_pos"] + cell_bias}
+
+        handle = head.query_to_image.register_forward_pre_hook(hook, with_kwargs=True)
+        with torch.no_grad():
+            boxes.append(head(inputs)["pred_coarse_boxes"][0])
+        handle.remove()
+    assert not torch.allclose(boxes[0], boxes[1], atol=1e-3)
