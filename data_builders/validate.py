@@ -1,10 +1,10 @@
 """``fclm-data validate FILE …``: check JSONL files against the record schema and the images on disk.
 
 Every line must be UTF-8 JSON (no lone surrogate escapes, nested at most ``fclm.io.MAX_JSON_DEPTH``
-levels), every record must pass :func:`fclm.data.schema.validate_record` (schema,
-``[SEG]`` count = targets, placeholders = prompt regions, masks decode, sizes agree, boxes inside
-the image) and its image must exist and open (``--no-images`` skips that); ids must be unique in a
-file. Problems are printed with ``file:line``; the exit status is 1 when there is any.
+levels) and every record must pass :func:`fclm.data.schema.validate_record`, which owns the record
+rules (the same the datasets apply at load and the processor applies when encoding), with its image
+opened (``--no-images`` skips that). The only rule of this command: ids are unique in a file.
+Problems are printed with ``file:line``; the exit status is 1 when there is any.
 """
 
 from __future__ import annotations

@@ -25,6 +25,12 @@ Labels: -100 everywhere except each assistant answer's tokens and its closing ``
 token that ends generation). The ``\\n`` after ``<|im_end|>``, headers, system and user turns are not
 labelled.
 
+Records: :func:`fclm.data.schema.parse_record` parses and checks the conversation (placeholders,
+``[SEG]`` count, structure); masks, boxes and ``target_index`` are checked with the schema's rules
+(:func:`~fclm.data.schema.decode_record_mask`, :func:`~fclm.data.schema.box_problem`,
+:func:`~fclm.data.schema.box_mask_problem`, :func:`~fclm.data.schema.target_index_problem`) where they
+are decoded. An encodable record may omit what only a stored record needs (``image``, ``task``, boxes).
+
 Regions: the mask (RLE or polygon, ``fclm.masks.decode_mask``) is the truth; its tight box gives
 ``region_boxes`` and the crop. A record's ``box`` is only checked against it: IoU below
 ``ProcessorConfig.box_check_iou`` (and a corner more than 2 px off) is an error — it catches xywh/xyxy
@@ -35,7 +41,7 @@ region: each occurrence is one ``<mask><pos>`` pair and one row of the region te
 regions with ``in_prompt: false`` in record order. ``latent_pairs`` pair a region's first row with the
 ``[SEG]`` given by its ``target_index``.
 
-SAM frame (size S = ``sam_img_size``): the image resized so its longest side is S with PIL bilinear
+SAM frame (size S = ``sam_img_size``; :mod:`fclm.image_ops`): the image resized so its longest side is S with PIL bilinear
 (as ``segment_anything.utils.transforms.ResizeLongestSide``), normalised with SAM's pixel mean/std,
 zero-padded bottom/right. Masks are resized with the same bilinear filter and thresholded at 0.5; a
 non-empty mask that would vanish keeps its highest-coverage pixels.
@@ -60,9 +66,7 @@ order: sample by sample, then order of appearance)::
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -74,23 +78,35 @@ from qwen_vl_utils import smart_resize
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
+from fclm import image_ops
 from fclm.config import FCLMConfig, from_dict, to_dict
-from fclm.data.schema import REGION_PLACEHOLDER, placeholder_region_indices
-from fclm.io import RecordError, write_json
-from fclm.masks import decode_mask, encode_mask, mask_to_box
-from fclm.tokenizer import (
-    DEFAULT_SYSTEM_PROMPT,
-    QWEN2_5_VL_CHAT_TEMPLATE,
-    SEG_TOKEN,
-    add_fclm_tokens,
-    token_ids,
+from fclm.data.schema import (
+    BOX_MASK_TOLERANCE,
+    ParsedRecord,
+    Placeholder,
+    Turn,
+    box_mask_problem,
+    box_problem,
+    decode_record_mask,
+    parse_record,
+    record_head,
+    target_entry_problem,
+    target_index_problem,
 )
+from fclm.image_ops import SAM_PIXEL_MEAN, SAM_PIXEL_STD, load_image, sha1_key, to_rgb
+from fclm.io import RecordError, write_json
+from fclm.masks import encode_mask, mask_to_box
+from fclm.tokenizer import DEFAULT_SYSTEM_PROMPT, QWEN2_5_VL_CHAT_TEMPLATE, add_fclm_tokens, token_ids
 
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+# load_image, to_rgb and the SAM constants live in fclm.image_ops; they stay importable from here.
+__all__ = [
+    "BATCH_KEYS", "BOX_TOLERANCE_PX", "IGNORE_INDEX", "PROCESSOR_CONFIG_NAME", "SAM_PIXEL_MEAN", "SAM_PIXEL_STD",
+    "FCLMProcessor", "ProcessorConfig", "load_image", "to_rgb",
+]
+
 PROCESSOR_CONFIG_NAME = "fclm_processor_config.json"
 IGNORE_INDEX = -100
-BOX_TOLERANCE_PX = 2.0
+BOX_TOLERANCE_PX = BOX_MASK_TOLERANCE
 """A record box within this many pixels of its mask's box always passes the check (tiny objects)."""
 
 BATCH_KEYS: tuple[str, ...] = (
@@ -156,53 +172,6 @@ class ProcessorConfig:
         )
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of ``image``; transparency is composited on white (as qwen-vl-utils ``to_rgb``)."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.split()[3])
-        return background
-    return image.convert("RGB")
-
-
-def load_image(path: str | Path, record_id: str | None = None) -> Image.Image:
-    """Open and fully decode an image file as RGB.
-
-    Raises :class:`~fclm.io.RecordError` (a ``ValueError``) naming the record and the file when the file
-    is missing, unreadable, truncated or not an image.
-    """
-    where = f"record {record_id!r}" if record_id is not None else str(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return to_rgb(im)
-    except FileNotFoundError:
-        raise RecordError(where, f"image file not found: {path}") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise RecordError(where, f"cannot read image {path}: {type(e).__name__}: {e}") from None
-
-
-def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def _is_box(b: Any) -> bool:
-    return isinstance(b, (list, tuple)) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
-
-
-def _sha1(*parts: str | bytes) -> str:
-    h = hashlib.sha1()
-    for p in parts:
-        h.update(p.encode() if isinstance(p, str) else p)
-        h.update(b"\0")
-    return h.hexdigest()
-
-
 class FCLMProcessor:
     """Tokenizer + Qwen2-VL image processor + SAM preprocessing + region/target handling.
 
@@ -229,8 +198,6 @@ class FCLMProcessor:
             min_pixels=c.min_pixels,
             max_pixels=c.max_pixels,
         )
-        self._sam_mean = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
-        self._sam_std = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
         self._text_cache: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------------------------------------
@@ -289,53 +256,24 @@ class FCLMProcessor:
 
     def sam_resize_shape(self, height: int, width: int) -> tuple[int, int]:
         """Size of an image inside the SAM frame (``ResizeLongestSide.get_preprocess_shape``)."""
-        scale = self.config.sam_img_size / max(height, width)
-        return int(height * scale + 0.5), int(width * scale + 0.5)
+        return image_ops.sam_resize_shape(height, width, self.config.sam_img_size)
 
     def sam_preprocess(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
         """RGB image → (3×S×S normalised, zero-padded SAM input, (h, w) of the resized image inside it)."""
-        s = self.config.sam_img_size
-        nh, nw = self.sam_resize_shape(image.height, image.width)
-        resized = image.resize((nw, nh), Image.BILINEAR)
-        x = torch.from_numpy(np.asarray(resized, dtype=np.float32).copy()).permute(2, 0, 1)
-        x = (x - self._sam_mean) / self._sam_std
-        out = torch.zeros((3, s, s), dtype=torch.float32)
-        out[:, :nh, :nw] = x
-        return out, (nh, nw)
+        return image_ops.sam_preprocess(image, self.config.sam_img_size)
 
     def mask_to_frame(self, mask: np.ndarray, resized_hw: tuple[int, int]) -> torch.Tensor:
-        """Boolean H×W mask → S×S float {0,1} in the SAM frame of an image resized to ``resized_hw``.
-
-        Bilinear resize (the image's filter) thresholded at 0.5; a non-empty mask that would vanish
-        keeps its highest-coverage pixels.
-        """
-        s = self.config.sam_img_size
-        nh, nw = resized_hw
-        if mask.shape == (nh, nw):
-            m = mask.astype(bool)
-        else:
-            soft = np.asarray(Image.fromarray(mask.astype(np.float32)).resize((nw, nh), Image.BILINEAR))
-            m = soft >= 0.5
-            if not m.any() and mask.any() and soft.max() > 0:
-                m = soft >= soft.max()
-        out = torch.zeros((s, s), dtype=torch.float32)
-        out[:nh, :nw] = torch.from_numpy(m.astype(np.float32))
-        return out
+        """Boolean H×W mask → S×S float {0,1} in the SAM frame of an image resized to ``resized_hw``
+        (:func:`fclm.image_ops.mask_to_frame`)."""
+        return image_ops.mask_to_frame(mask, resized_hw, self.config.sam_img_size)
 
     def crop_box(self, box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
         """Integer crop ``(x1, y1, x2, y2)``: ``box`` enlarged by ``context_margin`` of its size per side, clipped."""
-        x1, y1, x2, y2 = box
-        mx = self.config.context_margin * (x2 - x1)
-        my = self.config.context_margin * (y2 - y1)
-        cx1 = max(0, math.floor(x1 - mx))
-        cy1 = max(0, math.floor(y1 - my))
-        cx2 = min(width, math.ceil(x2 + mx))
-        cy2 = min(height, math.ceil(y2 + my))
-        return cx1, cy1, cx2, cy2
+        return image_ops.crop_box(box, height, width, self.config.context_margin)
 
     def sam_signature(self) -> str:
         """What the SAM embedding of an image depends on besides its pixels."""
-        return f"sam-frame:{self.config.sam_img_size}:pil-bilinear:mean{SAM_PIXEL_MEAN}:std{SAM_PIXEL_STD}:pad-br"
+        return image_ops.sam_signature(self.config.sam_img_size)
 
     # ------------------------------------------------------------------------------------------
     # text
@@ -382,14 +320,14 @@ class FCLMProcessor:
             image = to_rgb(image)
         pixel_values, grid_thw = self.qwen_image_inputs(image)
         sam_image, resized_hw = self.sam_preprocess(image)
-        pixel_hash = _sha1(f"{image.width}x{image.height}", image.tobytes())
+        pixel_hash = sha1_key(f"{image.width}x{image.height}", image.tobytes())
         return {
             "pixel_values": pixel_values,
             "image_grid_thw": grid_thw,
             "sam_images": sam_image,
             "sam_valid_hw": torch.tensor(resized_hw, dtype=torch.long),
             "original_hw": torch.tensor([image.height, image.width], dtype=torch.long),
-            "image_keys": _sha1(pixel_hash, self.sam_signature()),
+            "image_keys": sha1_key(pixel_hash, self.sam_signature()),
             "pixel_hash": pixel_hash,
         }
 
@@ -409,9 +347,10 @@ class FCLMProcessor:
 
         ``image_inputs`` (from :meth:`encode_image` of the same image) skips the per-image preprocessing.
 
-        Raises :class:`~fclm.io.RecordError` (a ``ValueError``) naming the record and the problem:
-        ``[SEG]`` count ≠ number of targets, ``<region>`` placeholders ≠ in-prompt regions, ``<regionN>``
-        out of range, a mask whose size differs from the image, an empty region mask, a malformed field.
+        Raises :class:`~fclm.io.RecordError` (a ``ValueError``) naming the record and the problem, found
+        by the rules of :mod:`fclm.data.schema` (module docstring): ``[SEG]`` count ≠ number of targets,
+        ``<region>`` placeholders ≠ in-prompt regions, ``<regionN>`` out of range, a mask whose size differs
+        from the image, an empty region mask, a box outside the image or far from its mask, a malformed field.
         """
         rid = str(record.get("id", "<no id>"))
         where = f"record {rid!r}" + (f" ({record['_where']})" if record.get("_where") else "")
@@ -423,131 +362,52 @@ class FCLMProcessor:
             raise fail(f"expected a PIL image, got {type(image).__name__}")
         if image.mode != "RGB":
             image = to_rgb(image)
-        width, height = image.size
-        ids = self.token_ids
-        messages = record.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise fail("'messages' must be a non-empty list")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-                raise fail(f"messages[{i}] must be {{'role': system|user|assistant, 'content': str}}")
-            if not isinstance(m.get("content"), str):
-                raise fail(f"messages[{i}].content must be a string")
-        system = self.config.system_prompt
-        turns = messages
-        if messages[0]["role"] == "system":
-            system, turns = messages[0]["content"], messages[1:]
-        if any(m["role"] == "system" for m in turns):
-            raise fail("a system message may only come first")
-        if not turns or turns[0]["role"] != "user":
-            raise fail("the first non-system message must be a user turn (it carries the image)")
-        if add_generation_prompt and turns[-1]["role"] != "user":
-            raise fail("add_generation_prompt needs a conversation that ends with a user turn")
-
-        # ---- images
-        if image_inputs is None:
-            image_inputs = self.encode_image(image)
-        elif tuple(image_inputs["original_hw"].tolist()) != (height, width):
-            raise fail(f"image_inputs are for a {tuple(image_inputs['original_hw'].tolist())} image, not {(height, width)}")
-        pixel_values, grid_thw = image_inputs["pixel_values"], image_inputs["image_grid_thw"]
-        n_image_tokens = self.num_image_tokens(grid_thw)
-
-        # ---- regions referenced by placeholders
-        regions = record.get("regions") or []
-        if not isinstance(regions, list):
-            raise fail("'regions' must be a list")
-        for i, r in enumerate(regions):
-            if not isinstance(r, dict) or "mask" not in r:
-                raise fail(f"regions[{i}] must be an object with a 'mask'")
-        try:  # one parser of placeholders for the schema check, the processor and inference
-            order = placeholder_region_indices({"messages": turns, "regions": regions})
+        try:
+            parsed = parse_record(record, add_generation_prompt=add_generation_prompt)
         except ValueError as e:
             raise fail(str(e)) from None
-        region_order = order + [i for i, r in enumerate(regions) if r.get("in_prompt") is False]
-        region_flags = [True] * len(order) + [False] * (len(region_order) - len(order))
-
-        # ---- tokens
-        input_ids, labels, n_seg = self._conversation_ids(system, turns, n_image_tokens, add_generation_prompt)
+        image_inputs = self._checked_image_inputs(image, image_inputs, fail)
+        system = parsed.system if parsed.system is not None else self.config.system_prompt
+        n_image_tokens = self.num_image_tokens(image_inputs["image_grid_thw"])
+        input_ids, labels, _ = self._conversation_ids(system, parsed.turns, n_image_tokens, add_generation_prompt)
         input_ids_t = torch.tensor(input_ids, dtype=torch.long)
-        mm_token_type_ids = (input_ids_t == ids["image_pad"]).long()
-
-        # ---- SAM frame
-        resized_hw = tuple(image_inputs["sam_valid_hw"].tolist())
-        pixel_hash = image_inputs["pixel_hash"]
-
-        # ---- regions
-        region_masks, region_boxes, crops, crop_masks, crop_keys = [], [], [], [], []
-        decoded: dict[int, tuple[np.ndarray, list[float], torch.Tensor, torch.Tensor, torch.Tensor, str]] = {}
-        for i in region_order:
-            if i not in decoded:
-                decoded[i] = self._encode_region(regions[i], i, image, pixel_hash, resized_hw, fail)
-            mask_t, box, crop, crop_mask, crop_key = decoded[i][1:]
-            region_masks.append(mask_t)
-            region_boxes.append(box)
-            crops.append(crop)
-            crop_masks.append(crop_mask)
-            crop_keys.append(crop_key)
-
-        # ---- targets
-        if add_generation_prompt:
-            targets: list[Any] = [{"masks": [], "boxes": []}] * n_seg
-        else:
-            targets = record.get("targets") or []
-            if not isinstance(targets, list):
-                raise fail("'targets' must be a list")
-            if n_seg != len(targets):
-                raise fail(f"{n_seg} [SEG] token(s) in the assistant turns but {len(targets)} target(s)")
-        target_masks, target_exists, inst_masks, inst_boxes = [], [], [], []
-        for k, t in enumerate(targets):
-            union, exists, masks_k, boxes_k = self._encode_target(t, k, height, width, resized_hw, fail)
-            target_masks.append(union)
-            target_exists.append(exists)
-            inst_masks.append(masks_k)
-            inst_boxes.append(boxes_k)
-
-        # ---- latent pairs (target_index → first row of that region)
-        pairs = []
-        if not add_generation_prompt:
-            for i, r in enumerate(regions):
-                k = r.get("target_index")
-                if k is None:
-                    continue
-                if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(targets):
-                    raise fail(f"regions[{i}].target_index {k!r} is not a target index (0..{len(targets) - 1})")
-                pairs.append((k, region_order.index(i)))
-
-        head = record.get("head") or self.config.default_head
-        if not isinstance(head, str):
-            raise fail(f"'head' must be a string, got {type(head).__name__}")
-        s = self.config.sam_img_size
+        regions = self._encode_regions(parsed, image, image_inputs, fail)
+        targets = self._encode_targets(parsed.targets, image, image_inputs, fail)
+        latent_pairs = self._latent_pairs(parsed, add_generation_prompt, fail)
+        try:
+            head = record_head(record, self.config.default_head)
+        except ValueError as e:
+            raise fail(str(e)) from None
         return {
             "input_ids": input_ids_t,
             "labels": torch.tensor(labels, dtype=torch.long),
-            "mm_token_type_ids": mm_token_type_ids,
-            "pixel_values": pixel_values,
-            "image_grid_thw": grid_thw,
-            "sam_images": image_inputs["sam_images"],
-            "sam_valid_hw": image_inputs["sam_valid_hw"],
-            "original_hw": image_inputs["original_hw"],
-            "image_keys": image_inputs["image_keys"],
-            "region_masks": torch.stack(region_masks) if region_masks else torch.zeros((0, s, s)),
-            "region_boxes": torch.tensor(region_boxes, dtype=torch.float32).reshape(-1, 4),
-            "region_in_prompt": torch.tensor(region_flags, dtype=torch.bool),
-            "region_crops": torch.stack(crops) if crops else torch.zeros((0, 3, s, s)),
-            "region_crop_masks": torch.stack(crop_masks) if crop_masks else torch.zeros((0, s, s)),
-            "region_crop_keys": crop_keys,
-            "target_masks": torch.stack(target_masks) if target_masks else torch.zeros((0, s, s)),
-            "target_exists": torch.tensor(target_exists, dtype=torch.bool),
-            "target_instance_masks": inst_masks,
-            "target_instance_boxes": inst_boxes,
-            "latent_pairs": torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
+            "mm_token_type_ids": (input_ids_t == self.token_ids["image_pad"]).long(),
+            **{k: image_inputs[k] for k in ("pixel_values", "image_grid_thw", "sam_images", "sam_valid_hw",
+                                            "original_hw", "image_keys")},
+            **regions,
+            **targets,
+            "latent_pairs": latent_pairs,
             "heads": head,
             "ids": rid,
         }
 
-    def _conversation_ids(self, system: str, turns: Sequence[dict], n_image_tokens: int,
+    def _checked_image_inputs(self, image: Image.Image, image_inputs: dict[str, Any] | None,
+                              fail: Any) -> dict[str, Any]:
+        """``image_inputs`` if given (they must be of an image of this size), else :meth:`encode_image`."""
+        if image_inputs is None:
+            return self.encode_image(image)
+        hw = tuple(image_inputs["original_hw"].tolist())
+        if hw != (image.height, image.width):
+            raise fail(f"image_inputs are for a {hw} image, not {(image.height, image.width)}")
+        return image_inputs
+
+    def _conversation_ids(self, system: str, turns: Sequence[Turn], n_image_tokens: int,
                           add_generation_prompt: bool) -> tuple[list[int], list[int], int]:
-        """Token ids and labels of the chat (module docstring), and the number of ``[SEG]`` tokens in it."""
+        """Token ids and labels of the chat (module docstring), and the number of ``[SEG]`` tokens in it.
+
+        ``turns`` are :attr:`ParsedRecord.turns <fclm.data.schema.ParsedRecord.turns>`: user text with its
+        ``<region>`` placeholders (→ ``<mask><pos>``), assistant text with its ``[SEG]`` (→ the token).
+        """
         ids = self.token_ids
         input_ids: list[int] = []
         labels: list[int] = []
@@ -557,90 +417,108 @@ class FCLMProcessor:
             labels.extend(tokens if labelled else [IGNORE_INDEX] * len(tokens))
 
         newline = self._text("\n")
+        answer = not add_generation_prompt  # assistant turns are labelled
         put([ids["im_start"]] + self._text("system\n") + self._text(system) + [ids["im_end"]] + newline)
         n_seg = 0
         image_placed = False
-        for m in turns:
-            role, content = m["role"], m["content"]
+        for role, pieces in turns:
             put([ids["im_start"]] + self._text(f"{role}\n"))
-            if role == "user":
-                if not image_placed:
-                    put([ids["vision_start"]] + [ids["image_pad"]] * n_image_tokens + [ids["vision_end"]])
-                    image_placed = True
-                pos = 0
-                for match in REGION_PLACEHOLDER.finditer(content):
-                    put(self._text(content[pos : match.start()]))
+            if role == "user" and not image_placed:
+                put([ids["vision_start"]] + [ids["image_pad"]] * n_image_tokens + [ids["vision_end"]])
+                image_placed = True
+            for piece in pieces:
+                if not isinstance(piece, Placeholder):
+                    put(self._text(piece), labelled=answer and role == "assistant")
+                elif piece.kind == "region":
                     put([ids["mask"], ids["pos"]])
-                    pos = match.end()
-                put(self._text(content[pos:]) + [ids["im_end"]] + newline)
-            else:
-                pieces = content.split(SEG_TOKEN)
-                for k, piece in enumerate(pieces):
-                    put(self._text(piece), labelled=not add_generation_prompt)
-                    if k < len(pieces) - 1:
-                        put([ids["seg"]], labelled=not add_generation_prompt)
-                        n_seg += 1
-                put([ids["im_end"]], labelled=not add_generation_prompt)
-                put(newline)
+                else:
+                    put([ids["seg"]], labelled=answer)
+                    n_seg += 1
+            put([ids["im_end"]], labelled=answer and role == "assistant")
+            put(newline)
         if add_generation_prompt:
             put([ids["im_start"]] + self._text("assistant\n"))
         return input_ids, labels, n_seg
 
+    def _encode_regions(self, parsed: ParsedRecord, image: Image.Image, image_inputs: dict[str, Any],
+                        fail: Any) -> dict[str, Any]:
+        """The ``region_*`` tensors: a row per entry of ``parsed.region_rows`` (a region named twice decoded once)."""
+        resized_hw = tuple(image_inputs["sam_valid_hw"].tolist())
+        decoded: dict[int, tuple] = {}
+        rows = []
+        for i in parsed.region_rows:
+            if i not in decoded:
+                decoded[i] = self._encode_region(parsed.regions[i], i, image, image_inputs["pixel_hash"], resized_hw,
+                                                 fail)
+            rows.append(decoded[i])
+        masks, boxes, crops, crop_masks, crop_keys = [list(col) for col in zip(*rows)] if rows else [[] for _ in range(5)]
+        s = self.config.sam_img_size
+        return {
+            "region_masks": torch.stack(masks) if masks else torch.zeros((0, s, s)),
+            "region_boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "region_in_prompt": torch.tensor([k < parsed.n_prompt_rows for k in range(len(rows))], dtype=torch.bool),
+            "region_crops": torch.stack(crops) if crops else torch.zeros((0, 3, s, s)),
+            "region_crop_masks": torch.stack(crop_masks) if crop_masks else torch.zeros((0, s, s)),
+            "region_crop_keys": crop_keys,
+        }
+
     def _encode_region(self, region: dict, i: int, image: Image.Image, pixel_hash: str,
                        resized_hw: tuple[int, int], fail: Any) -> tuple:
+        """(mask in the SAM frame, normalised box, crop, crop mask, crop key) of ``regions[i]``."""
         width, height = image.size
         try:
-            mask = decode_mask(region["mask"], height, width)
+            mask = decode_record_mask(f"regions[{i}].mask", region["mask"], (height, width), nonempty=True)
+            box = mask_to_box(mask)
+            given = region.get("box")
+            if given is not None:
+                problem = (box_problem(f"regions[{i}].box", given, (height, width))
+                           or box_mask_problem(f"regions[{i}].box", given, box, self.config.box_check_iou))
+                if problem:
+                    raise ValueError(problem)
         except ValueError as e:
-            raise fail(f"regions[{i}].mask: {e}") from None
-        if not mask.any():
-            raise fail(f"regions[{i}].mask is empty")
-        box = mask_to_box(mask)
-        given = region.get("box")
-        if given is not None:
-            if not _is_box(given):
-                raise fail(f"regions[{i}].box must be [x1, y1, x2, y2], got {given!r}")
-            iou = _box_iou(given, box)
-            off = max(abs(float(g) - b) for g, b in zip(given, box))
-            if iou < self.config.box_check_iou and off > BOX_TOLERANCE_PX:
-                raise fail(
-                    f"regions[{i}].box {list(given)} disagrees with its mask's box {box} (IoU {iou:.2f} < "
-                    f"{self.config.box_check_iou}); boxes are absolute pixel [x1, y1, x2, y2]"
-                )
+            raise fail(str(e)) from None
         box_norm = [box[0] / width, box[1] / height, box[2] / width, box[3] / height]
         mask_t = self.mask_to_frame(mask, resized_hw)
         cx1, cy1, cx2, cy2 = self.crop_box(box, height, width)
         crop_img, crop_hw = self.sam_preprocess(image.crop((cx1, cy1, cx2, cy2)))
         crop_mask = self.mask_to_frame(mask[cy1:cy2, cx1:cx2], crop_hw)
-        crop_key = _sha1(pixel_hash, f"crop:{cx1},{cy1},{cx2},{cy2}", self.sam_signature())
-        return mask, mask_t, box_norm, crop_img, crop_mask, crop_key
+        crop_key = sha1_key(pixel_hash, f"crop:{cx1},{cy1},{cx2},{cy2}", self.sam_signature())
+        return mask_t, box_norm, crop_img, crop_mask, crop_key
+
+    def _encode_targets(self, targets: list, image: Image.Image, image_inputs: dict[str, Any],
+                        fail: Any) -> dict[str, Any]:
+        """The ``target_*`` tensors: one row per target (= per ``[SEG]``)."""
+        resized_hw = tuple(image_inputs["sam_valid_hw"].tolist())
+        rows = [self._encode_target(t, k, image.height, image.width, resized_hw, fail) for k, t in enumerate(targets)]
+        s = self.config.sam_img_size
+        return {
+            "target_masks": torch.stack([r[0] for r in rows]) if rows else torch.zeros((0, s, s)),
+            "target_exists": torch.tensor([r[1] for r in rows], dtype=torch.bool),
+            "target_instance_masks": [r[2] for r in rows],
+            "target_instance_boxes": [r[3] for r in rows],
+        }
 
     def _encode_target(self, target: Any, k: int, height: int, width: int, resized_hw: tuple[int, int],
                        fail: Any) -> tuple[torch.Tensor, bool, torch.Tensor, torch.Tensor]:
+        """(union mask, exists, instance masks, normalised instance boxes) of ``targets[k]``; boxes default
+        to the masks' boxes."""
         s = self.config.sam_img_size
-        if not isinstance(target, dict):
-            raise fail(f"targets[{k}] must be an object with 'masks' and 'boxes'")
+        problem = target_entry_problem(k, target, boxes_required=False)
+        if problem:
+            raise fail(problem)
         masks = target.get("masks") or []
         boxes = target.get("boxes") or []
-        if not isinstance(masks, list) or not isinstance(boxes, list):
-            raise fail(f"targets[{k}].masks and .boxes must be lists")
-        if boxes and not masks:
-            raise fail(f"targets[{k}] has {len(boxes)} box(es) but no masks; every instance needs a mask")
-        if boxes and len(boxes) != len(masks):
-            raise fail(f"targets[{k}] has {len(masks)} mask(s) but {len(boxes)} box(es)")
         frames, norm_boxes = [], []
         for j, m in enumerate(masks):
             try:
-                mask = decode_mask(m, height, width)
+                mask = decode_record_mask(f"targets[{k}].masks[{j}]", m, (height, width))
+                problem = box_problem(f"targets[{k}].boxes[{j}]", boxes[j], (height, width)) if boxes else None
+                if problem:
+                    raise ValueError(problem)
             except ValueError as e:
-                raise fail(f"targets[{k}].masks[{j}]: {e}") from None
+                raise fail(str(e)) from None
             frames.append(self.mask_to_frame(mask, resized_hw))
-            if boxes:
-                b = boxes[j]
-                if not _is_box(b):
-                    raise fail(f"targets[{k}].boxes[{j}] must be [x1, y1, x2, y2], got {b!r}")
-            else:
-                b = mask_to_box(mask)
+            b = boxes[j] if boxes else mask_to_box(mask)
             norm_boxes.append([
                 min(max(b[0] / width, 0.0), 1.0), min(max(b[1] / height, 0.0), 1.0),
                 min(max(b[2] / width, 0.0), 1.0), min(max(b[3] / height, 0.0), 1.0),
@@ -648,6 +526,19 @@ class FCLMProcessor:
         inst = torch.stack(frames) if frames else torch.zeros((0, s, s))
         union = inst.amax(dim=0) if frames else torch.zeros((s, s))
         return union, bool(frames), inst, torch.tensor(norm_boxes, dtype=torch.float32).reshape(-1, 4)
+
+    def _latent_pairs(self, parsed: ParsedRecord, add_generation_prompt: bool, fail: Any) -> torch.Tensor:
+        """``(target index, region row)`` of each region with a ``target_index``: its first row (none for a prompt)."""
+        pairs = []
+        for i, r in enumerate(parsed.regions if not add_generation_prompt else []):
+            k = r.get("target_index")
+            if k is None:
+                continue
+            problem = target_index_problem(i, k, len(parsed.targets))
+            if problem:
+                raise fail(problem)
+            pairs.append((k, parsed.region_rows.index(i)))
+        return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
 
     # ------------------------------------------------------------------------------------------
     # batches

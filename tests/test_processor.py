@@ -283,7 +283,7 @@ def test_bad_inputs_name_the_record_and_problem(proc, tmp_path):
     good = rect(50, 60, 5, 5, 20, 20)
     with pytest.raises(ValueError, match=r"record 'size'.*regions\[0\]\.mask.*\[40, 60\].*\[50, 60\]"):
         proc.encode_record(rec("<region>", "ok", [region(rect(40, 60, 1, 1, 5, 5))], rid="size"), img)
-    with pytest.raises(ValueError, match=r"record 'tsize'.*targets\[0\]\.masks\[0\].*differs from image size"):
+    with pytest.raises(ValueError, match=r"record 'tsize'.*targets\[0\]\.masks\[0\] has size \[50, 61\] but the image is \[50, 60\] \(sizes are \[H, W\]\)"):
         proc.encode_record(rec("x", "[SEG]", targets=[target(rect(50, 61, 1, 1, 5, 5))], rid="tsize"), img)
     with pytest.raises(ValueError, match=r"record 'empty'.*regions\[0\]\.mask is empty"):
         proc.encode_record(rec("<region>", "ok", [{"mask": encode_mask(np.zeros((50, 60), bool))}], rid="empty"), img)

@@ -55,7 +55,7 @@ def test_validate_reports_every_problem_with_file_and_line(tmp_path, capsys):
         4: "bad RLE",
         5: "polygon 0 has 2 points",
         6: "has size [10, 10] but the image is [20, 30]",
-        7: "2 [SEG] in the assistant turns but 1 target(s)",
+        7: "2 [SEG] token(s) in the assistant turns but 1 target(s)",
         8: "id 'r0' already used on line 1",
         9: "malformed JSON",
         10: "2 <region> placeholder(s) but 1 prompt region(s)",
