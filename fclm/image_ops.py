@@ -23,8 +23,9 @@ from fclm.io import RecordError
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
-_SAM_MEAN = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
-_SAM_STD = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
+# device explicit: a first import inside ``with torch.device("meta")`` (a model built on meta) must not put them there
+_SAM_MEAN = torch.tensor(SAM_PIXEL_MEAN, device="cpu").view(3, 1, 1)
+_SAM_STD = torch.tensor(SAM_PIXEL_STD, device="cpu").view(3, 1, 1)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
