@@ -19,9 +19,20 @@ Parameter counts come from the model built on the meta device with the run's tra
     copies of every adapted projection's input, rotated q/k and v, the attention output, gate/up/SiLU/
     product of the MLP. With gradient checkpointing: the layer inputs (``2·h`` per layer and token) plus
     one layer recomputed in backward.
-  - logits and the cross-entropy: ``12·T·V`` bytes (bf16 logits, their fp32 copy inside the loss, the
-    saved log-softmax and its gradient); with LoRA and the new token rows, peft's trainable-token layer
-    also saves a merged copy of ``lm_head`` (``2·V·h`` bytes: 0.58 GiB for 3B).
+  - logits, the cross-entropy and ``lm_head``'s backward (:func:`logits_activation_bytes`; T tokens of the
+    micro-batch, V vocabulary, h hidden), the larger of two moments, checked against the allocator on a
+    real-width ``lm_head`` (``tests/training/test_plan.py``):
+
+    · the loss's backward: ``14·T·V`` bytes — the bf16 logits (2), the float32 log-softmax the loss saves
+      (4), the float32 gradients of the NLL and of the log-softmax (4 + 4); the loss's float32 copy of the
+      logits is freed once the log-softmax is taken;
+    · with LoRA and the new token rows, peft's trainable-token layer multiplies with a merged copy of
+      ``lm_head`` (base rows + the new tokens' deltas, ``2·V·h`` bytes: 0.58 GiB for 3B), which autograd
+      saves (present at the loss's backward too), and ``lm_head``'s backward computes the gradient of
+      that whole merged matrix (another ``2·V·h``) before the new rows are picked from it — beside the
+      logits and their bf16 gradient (``4·T·V``) and the gradient of the last hidden states (``2·T·h``).
+      The embedding's merged copy (forward) and its dense gradient (end of backward), ``2·V·h`` each at
+      moments with little else alive, stay below.
   - the frozen encoders save nothing for backward; their transient peak counts when they run in the
     step: SAM ViT-H's global attention (``3 × heads × N² × 2`` bytes per image: scores, scores + relative
     positions, softmax; N = 4096 tokens at 1024 px) — zero when the SAM embedding cache supplies the
@@ -46,7 +57,8 @@ from fclm.config import FCLMConfig
 from fclm.training.config import TrainabilityPolicy, TrainConfig
 
 __all__ = [
-    "ParameterCounts", "count_parameters", "llm_activation_bytes_per_token_layer", "step_memory", "step_flops",
+    "ParameterCounts", "count_parameters", "llm_activation_bytes_per_token_layer", "logits_activation_bytes",
+    "step_memory", "step_flops",
     "zero_plans", "ZERO_SETUPS", "GIB", "format_plan", "default_tokens", "HARDWARE", "OVERHEAD_BYTES",
 ]
 
@@ -182,6 +194,19 @@ def llm_activation_bytes_per_token_layer(h: int, kv: int, inter: int, lora: bool
     return 16 * h + 6 * kv + 8 * inter
 
 
+def logits_activation_bytes(tokens: int, vocab: int, hidden: int, *, token_rows: bool) -> int:
+    """Peak bytes of the logits and the cross-entropy (and ``lm_head``'s backward) for ``tokens`` tokens
+    (all samples of the micro-batch), bf16 model, float32 loss (module docstring). ``token_rows``: peft's
+    trainable-token layer wraps ``lm_head`` (LoRA + new token rows), so a merged ``V×h`` copy is saved
+    and its gradient computed."""
+    loss_backward = 14 * tokens * vocab
+    if not token_rows:
+        return loss_backward
+    merged = 2 * vocab * hidden
+    lm_head_backward = 4 * tokens * vocab + 2 * merged + 2 * tokens * hidden
+    return max(loss_backward + merged, lm_head_backward)
+
+
 # --------------------------------------------------------------------------------------------------
 # FLOPs
 # --------------------------------------------------------------------------------------------------
@@ -306,11 +331,10 @@ def step_memory(
         llm = d["layers"] * T * 2 * d["h"] + per_layer * T
     else:
         llm = d["layers"] * T * per_layer
-    logits = 12 * T * d["vocab"]
-    if lora and policy.new_token_rows and policy.lm_head == "rows":
-        # peft's trainable-token layer multiplies with a merged copy of the output matrix (base rows + the
-        # new tokens' deltas), which autograd saves: one V·h bf16 matrix per step, whatever the batch.
-        logits += 2 * d["vocab"] * d["h"]
+    # peft's trainable-token layer multiplies with a merged copy of the output matrix (base rows + the new
+    # tokens' deltas): one V·h bf16 matrix saved, and its gradient in backward, per step whatever the batch
+    token_rows = lora and policy.new_token_rows and policy.lm_head == "rows"
+    logits = logits_activation_bytes(T, d["vocab"], d["h"], token_rows=token_rows)
     patches = image_pixels // d["patch"] ** 2
     vision = 6 * patches * d["vinter"] * batch_size
     if policy.vision_tower == "full":

@@ -10,7 +10,10 @@ and then with gradient checkpointing (``fclm.training.scale.run_cpu_scale_step``
 run in float32 (``fclm.training.bf16_cpu``: this CPU has no bf16 instructions). Reports the build time,
 the step's time per part next to the FLOP shares computed from the configs
 (``fclm.training.plan.step_flops``), peak memory next to the plan's prediction for the same setting
-(``fclm.training.plan.step_memory``). Results: ``docs/benchmarks.md``, "Real scale".
+(``fclm.training.plan.step_memory``): the resident peak, and — each step run again under the profiler
+(``--no-trace`` skips it) — the allocator peak of live tensor bytes, the CPU-only float32 copies live then,
+and the tensors live at the peak. Results: ``docs/benchmarks.md``, "Real scale"; ``docs/scale.md``, "The plan
+next to a measured step".
 """
 
 from __future__ import annotations
@@ -30,13 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-pixels", type=int, default=224 * 224, help="Qwen image area (min = max pixels)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    parser.add_argument("--no-trace", action="store_true", help="skip the profiled run of each step (allocator peak)")
     args = parser.parse_args(argv)
 
     from fclm.training.scale import run_cpu_scale_step as run
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    result = run(args.preset, image_pixels=args.image_pixels, gradient_checkpointing=(False, True))
+    result = run(args.preset, image_pixels=args.image_pixels, gradient_checkpointing=(False, True),
+                 trace_allocations=not args.no_trace)
     print(json.dumps(result, indent=2))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """fclm-3b at real size on CPU: built from configuration alone in bf16, one stage-2 LoRA step on one
-1024-px-SAM sample with a ``<region>`` and a ``[SEG]``, peak memory against the plan.
+1024-px-SAM sample with a ``<region>`` and a ``[SEG]``, peak memory (allocator and resident) against the plan.
 
-About 10–20 minutes on 2 cores and ~12 GB of memory, so it is not in the default run: ``scripts/test_scale.sh``
+About 10–20 minutes on 2 cores and ~13 GB of memory (the step runs twice: plain, then under the profiler), so it is not in the default run: ``scripts/test_scale.sh``
 (which ``.ci/run`` calls) sets ``FCLM_SCALE_TESTS=1``. fclm-7b is only ever built on the meta device
 (``tests/model/test_backbone_arch.py``, default run).
 """
@@ -44,8 +44,17 @@ def test_fclm_3b_random_bf16_stage2_lora_step_on_cpu():
     assert step["trainable_with_finite_grad"] == step["trainable_tensors"] > 0, step["trainable_without_grad"]
     assert step["frozen_with_grad"] == []
     assert 2.0e7 < result["trainable_parameters"] < 4.0e7  # LoRA r 16 on 36 layers × 7 projections + token rows
-    # peak memory of the step against the plan's prediction for the same setting: the goal is 20%; the bound
-    # is 35% until a run shows the goal met (docs/benchmarks.md, "Real scale": +22–30% measured before the
-    # processor and freed-memory corrections of fclm.training.scale)
-    assert abs(step["peak_gib"] - step["plan_gib"]) / step["plan_gib"] < 0.35, (step["peak_gib"], step["plan_gib"])
+    # peak memory of the step against the plan's prediction for the same setting (docs/scale.md, "The plan next
+    # to a measured step"). The allocator peak (live tensor bytes: the model and the batch + the step's peak, what
+    # torch.cuda.max_memory_allocated reports on a GPU) meets the 20% goal; so does it with the CPU-only float32
+    # copies of the bf16 products taken out (against the plan) or added to the plan.
+    assert step["traced_total_loss"] == step["total_loss"]  # the traced run is the same step
+    plan = step["plan_gib"]
+    assert abs(step["alloc_peak_gib"] - plan) / plan < 0.2, (step["alloc_peak_gib"], plan)
+    gpu_like = step["alloc_peak_without_cpu_only_gib"]
+    assert abs(gpu_like - plan) / plan < 0.2, (gpu_like, plan)
+    with_cpu = plan + step["cpu_only_gib"]
+    assert abs(step["alloc_peak_gib"] - with_cpu) / with_cpu < 0.2, (step["alloc_peak_gib"], with_cpu)
+    # the resident peak (VmHWM, untraced run) also holds freed-but-resident heap pages and host memory: bound 35%
+    assert abs(step["peak_gib"] - plan) / plan < 0.35, (step["peak_gib"], plan)
     assert step["peak_gib"] < 16

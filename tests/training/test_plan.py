@@ -11,7 +11,8 @@ import torch
 from fclm.config import FCLMConfig, from_dict, preset
 from fclm.training.config import STAGE_POLICIES, load_train_config
 from fclm.training.plan import (
-    GIB, ZERO_SETUPS, count_parameters, llm_activation_bytes_per_token_layer, step_memory, zero_plans,
+    GIB, ZERO_SETUPS, count_parameters, llm_activation_bytes_per_token_layer, logits_activation_bytes, step_memory,
+    zero_plans,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,6 +56,50 @@ def test_activation_formula_matches_what_autograd_saves():
     kv = 1 * (h // 4)
     predicted = llm_activation_bytes_per_token_layer(h, kv, cfg.backbone.text_intermediate_size)
     assert abs(per_layer - predicted) / predicted < 0.2, (per_layer, predicted)
+
+
+def test_logits_term_matches_the_allocator_peak_of_a_real_width_lm_head():
+    """The logits term against the peak of live tensor bytes (allocator trace, the CPU-only float32 copies of
+    the bf16 products left out: what a GPU holds) of ``lm_head`` + the causal-LM loss + backward, at the 3B's
+    hidden width (2048) with stage 2's peft trainable-token layer on ``lm_head``: few tokens → ``lm_head``'s
+    backward (merged copy saved + its whole gradient); many → the loss's backward (14 bytes per logit)."""
+    from fclm.losses.lm import causal_lm_loss
+    from fclm.model import build_fclm
+    from fclm.training.scale import LabelledFloat32Matmuls, allocator_trace
+    from fclm.training.trainability import apply_trainability
+
+    h = 2048
+    cfg = from_dict(FCLMConfig, {"backbone": {"text_hidden_size": h, "text_layers": 1, "text_heads": 16,
+                                              "text_kv_heads": 2, "text_intermediate_size": 256,
+                                              "mrope_section": [16, 24, 24]}}, base=preset("tiny"))
+    torch.manual_seed(0)
+    model = build_fclm(cfg)
+    apply_trainability(model, STAGE_POLICIES[2])
+    model.to(torch.bfloat16).train()
+    lm_head = model.qwen.lm_head
+    assert hasattr(lm_head, "token_adapter")  # peft's trainable-token layer
+    V = cfg.backbone.tiny_vocab_size
+    plain = torch.nn.Linear(h, V, bias=False).to(torch.bfloat16).requires_grad_(False)
+
+    def peak(head: torch.nn.Module, T: int) -> tuple[int, str]:
+        x = torch.randn(1, T, h, dtype=torch.bfloat16, requires_grad=True)
+        labels = torch.randint(0, V, (1, T))
+        with allocator_trace() as t, LabelledFloat32Matmuls():
+            logits = head(x)
+            causal_lm_loss(logits, labels).backward()
+        model.zero_grad(set_to_none=True)
+        return t.peak_without_cpu_only_bytes, t.peak_without_cpu_only_site
+
+    for T, moment in ((64, "_Linear32Backward"), (2048, "LogSoftmaxBackward0")):
+        measured, site = peak(lm_head, T)
+        predicted = logits_activation_bytes(T, V, h, token_rows=True)
+        assert moment in site and abs(measured - predicted) / predicted < 0.02, (T, measured, predicted, site)
+    measured, site = peak(plain, 1024)  # a frozen plain lm_head: the loss's backward only
+    predicted = logits_activation_bytes(1024, V, h, token_rows=False)
+    assert "LogSoftmaxBackward0" in site and abs(measured - predicted) / predicted < 0.02, (measured, predicted)
+    # step_memory uses the term with the micro-batch's tokens
+    plan = step_memory(cfg, STAGE_POLICIES[2], tokens=100, image_pixels=112 * 112, batch_size=2)
+    assert plan["logits"] == logits_activation_bytes(200, V, h, token_rows=True)
 
 
 def test_trainable_states_come_from_deepspeeds_estimators():
