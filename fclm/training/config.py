@@ -228,6 +228,9 @@ class ReconWarmupConfig:
     """Learning rate (``None``: ``optim.lr``); linear ramp over the first 5 % of the steps, then constant."""
     max_regions: int = 4000
     """Regions collected (and SAM-encoded) once from the run's files, the first ones of each file in turn."""
+    files: list[str] = field(default_factory=list)
+    """JSONL files to take the regions from (relative to ``data.root`` as ``data.train``); empty: the run's
+    ``data.train`` files of positive weight. For a run whose own data has no regions (e.g. a RES-only phase)."""
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.max_regions < 1:
@@ -330,6 +333,9 @@ def _check_files(cfg: TrainConfig) -> None:
     for i, src in enumerate(cfg.data.train):
         if not Path(src.path).is_file():
             raise ConfigError(f"data.train[{i}].path: file not found: {src.path}")
+    for i, f in enumerate(cfg.recon_warmup.files):
+        if not Path(f).is_file():
+            raise ConfigError(f"recon_warmup.files[{i}]: file not found: {f}")
     if cfg.stage == 2 and cfg.init_from is None:
         raise ConfigError("init_from: stage 2 starts from a stage-1 export; set init_from=<stage-1 output_dir>/export")
     if cfg.init_from is not None:
@@ -436,6 +442,7 @@ def train_config_from_dict(data: dict, *, check_files: bool = True) -> TrainConf
     if cfg.data.root is not None:
         for src in cfg.data.train:
             src.path = str(Path(cfg.data.root) / src.path)
+        cfg.recon_warmup.files = [str(Path(cfg.data.root) / f) for f in cfg.recon_warmup.files]
         cfg.data.root = None  # resolved: a saved config reads back the same
     if check_files:
         _check_files(cfg)

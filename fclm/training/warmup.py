@@ -69,7 +69,10 @@ def _records_with_regions(cfg: TrainConfig, limit: int) -> list[dict]:
     """The first records with regions of each file in turn (round robin), up to ``limit`` regions."""
     from fclm.data import JsonlDataset
 
-    sources = [JsonlDataset(src.path, strict=cfg.data.strict, tasks=src.tasks) for src in cfg.data.train if src.weight > 0]
+    if cfg.recon_warmup.files:
+        sources = [JsonlDataset(path, strict=cfg.data.strict) for path in cfg.recon_warmup.files]
+    else:
+        sources = [JsonlDataset(src.path, strict=cfg.data.strict, tasks=src.tasks) for src in cfg.data.train if src.weight > 0]
     chosen, n_regions, cursors = [], 0, [0] * len(sources)
     while n_regions < limit and any(c < len(ds) for c, ds in zip(cursors, sources)):
         for k, ds in enumerate(sources):

@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = {
     "res_giou", "res_ciou", "res_giou_untrained", "res_giou_multi", "res_giou_all_objects_multi",
@@ -58,8 +60,15 @@ def test_quick_demo_writes_summary_overlays_and_exports(tmp_path):
     # the pooled-mask baseline is a real measurement: upsampling a 16×16 pooling of the mask
     assert on_disk["pos_recon_iou_pooled"] > 0.5
     assert on_disk["overlays"] and all(Path(p).is_file() for p in on_disk["overlays"])
-    for stage in ("stage1", "stage2"):
+    for stage in ("stage1_ground", "stage1", "stage2"):
         assert (tmp_path / "demo" / stage / "export" / "fclm_config.json").is_file()
+    # stage 1 ran in two phases: RES only, then the mixture from that phase's export
+    ground = yaml.safe_load((tmp_path / "demo" / "stage1_ground" / "config.yaml").read_text())
+    assert [Path(src["path"]).name for src in ground["data"]["train"]] == ["train_res.jsonl"]
+    mixture = yaml.safe_load((tmp_path / "demo" / "stage1" / "config.yaml").read_text())
+    assert mixture["init_from"] == str(tmp_path / "demo" / "stage1_ground" / "export")
+    assert len(mixture["data"]["train"]) > 1 and mixture["recon_warmup"]["steps"] == 0
+    assert ground["max_steps"] + mixture["max_steps"] == 4
     assert (tmp_path / "demo" / "eval" / "run_final_res" / "summary.json").is_file()
     # the one-shot chat example a user would get
     chat = json.loads((tmp_path / "demo" / "chat_example.json").read_text())

@@ -64,3 +64,19 @@ def test_warmup_config_is_checked(shapes):
     with pytest.raises(ConfigError, match="recon_warmup"):
         _cfg(shapes, steps=-1)
     assert preset("tiny").region_extractor.pos_layers >= 1
+
+
+def test_warmup_files_give_regions_to_a_run_whose_own_data_has_none(shapes):
+    from fclm.config import ConfigError
+    from fclm.training.warmup import _records_with_regions
+
+    res_only = {"root": str(shapes), "train": [{"path": "train_res.jsonl"}]}
+    base = {"stage": 1, "model": {"preset": "tiny"}, "output_dir": str(shapes / "run"), "data": res_only}
+    cfg = train_config_from_dict({**base, "recon_warmup": {"steps": 2, "max_regions": 6}})
+    assert _records_with_regions(cfg, 6) == []  # RES records carry no regions
+    cfg = train_config_from_dict({**base, "recon_warmup": {"steps": 2, "max_regions": 6, "files": ["train_roc.jsonl"]}})
+    assert cfg.recon_warmup.files == [str(shapes / "train_roc.jsonl")]  # resolved against data.root
+    records = _records_with_regions(cfg, 6)
+    assert records and all(r["regions"] for r in records) and sum(len(r["regions"]) for r in records) >= 6
+    with pytest.raises(ConfigError, match=r"recon_warmup.files\[0\]: file not found"):
+        train_config_from_dict({**base, "recon_warmup": {"files": ["missing.jsonl"]}})
