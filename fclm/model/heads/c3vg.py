@@ -322,7 +322,7 @@ class C3VGHead(nn.Module):
         _, d, h, w = images.shape
         pixel_pos = _sine_position_encoding(h, w, d, device=images.device, dtype=dtype)
         # Each cell's features carry its place (module docstring: without it the box cannot be regressed).
-        images = images + 0 * pixel_pos.transpose(0, 1).reshape(1, d, h, w)
+        images = images + pixel_pos.transpose(0, 1).reshape(1, d, h, w)
         pixel_padding = self._pixel_padding(inputs.valid_hw.to(images.device), h, w)[batch_index]
         features = images[batch_index]  # (n,d,h,w)
         tokens = features.flatten(2).transpose(1, 2)
