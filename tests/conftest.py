@@ -26,12 +26,17 @@ def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+_TORCH_LINEAR = torch.nn.functional.linear
+"""torch's own ``F.linear``, taken before any test (or module-scoped fixture) can start DeepSpeed's zero.Init."""
+
+
 @pytest.fixture(autouse=True)
 def _clean_state():
     """One torch thread (the CPU is shared), and accelerate / env / threads / denormal flushing / ``F.linear`` restored after each test."""
     threads = torch.get_num_threads()
     env = dict(os.environ)
-    linear = torch.nn.functional.linear  # DeepSpeed's zero.Init can leave its zero3_linear_wrap installed here
+    linear = _TORCH_LINEAR  # DeepSpeed's zero.Init can leave its zero3_linear_wrap installed (also from module fixtures)
+    torch.nn.functional.linear = linear
     torch.set_num_threads(1)
     yield
     torch.nn.functional.linear = linear
