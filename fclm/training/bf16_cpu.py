@@ -95,20 +95,27 @@ def _up(a: Any) -> Any:
 class Float32Matmuls(TorchFunctionMode):
     """Context manager: 16-bit matrix products run in float32 and come back in their 16-bit dtype (see module)."""
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
+    @staticmethod
+    def intercepts(func: Any, args: tuple, kwargs: dict) -> torch.dtype | None:
+        """The 16-bit dtype when ``func(*args, **kwargs)`` is a product this mode computes in float32, else None."""
         if func is F.linear or func in _PRODUCTS:
             tensors = _tensors(list(args) + list(kwargs.values()))
             dtypes = {t.dtype for t in tensors}
             if len(dtypes) == 1 and next(iter(dtypes)) in _LOW and all(t.device.type == "cpu" for t in tensors):
-                dtype = next(iter(dtypes))
-                if func is F.linear:
-                    named = dict(zip(("input", "weight", "bias"), args), **kwargs)
-                    x, weight, bias = named["input"], named["weight"], named.get("bias")
-                    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-                        return _Linear32.apply(x, weight, bias)
-                    with torch.no_grad():
-                        return _linear32(x.float(), weight, bias).to(dtype)
-                out = func(*_up(args), **{k: _up(v) for k, v in kwargs.items()})
-                return out.to(dtype) if isinstance(out, torch.Tensor) else out
+                return next(iter(dtypes))
+        return None
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        dtype = self.intercepts(func, args, kwargs)
+        if dtype is not None:
+            if func is F.linear:
+                named = dict(zip(("input", "weight", "bias"), args), **kwargs)
+                x, weight, bias = named["input"], named["weight"], named.get("bias")
+                if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias) if t is not None):
+                    return _Linear32.apply(x, weight, bias)
+                with torch.no_grad():
+                    return _linear32(x.float(), weight, bias).to(dtype)
+            out = func(*_up(args), **{k: _up(v) for k, v in kwargs.items()})
+            return out.to(dtype) if isinstance(out, torch.Tensor) else out
         return func(*args, **kwargs)

@@ -33,10 +33,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fclm.config import FCLMConfig, from_dict, preset
-from fclm.training.bf16_cpu import _LOW, _PRODUCTS, Float32Matmuls, _tensors
+from fclm.training.bf16_cpu import Float32Matmuls
 
 __all__ = [
     "random_model_config", "scale_records", "scale_images", "measure_step", "StepMeasurement",
@@ -178,13 +177,10 @@ class LabelledFloat32Matmuls(Float32Matmuls):
     :data:`CPU_ONLY_RANGE`, so that :func:`allocator_trace` can tell its float32 copies (CPU-only) apart."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if func is F.linear or func in _PRODUCTS:
-            tensors = _tensors(list(args) + list((kwargs or {}).values()))
-            dtypes = {t.dtype for t in tensors}
-            # the products the parent computes in float32 (float32 ones run unchanged, as on a GPU)
-            if len(dtypes) == 1 and dtypes <= set(_LOW) and all(t.device.type == "cpu" for t in tensors):
-                with torch.autograd.profiler.record_function(CPU_ONLY_RANGE):
-                    return super().__torch_function__(func, types, args, kwargs)
+        # the products the parent computes in float32 (float32 ones run unchanged, as on a GPU)
+        if self.intercepts(func, args, kwargs or {}) is not None:
+            with torch.autograd.profiler.record_function(CPU_ONLY_RANGE):
+                return super().__torch_function__(func, types, args, kwargs)
         return super().__torch_function__(func, types, args, kwargs)
 
 
