@@ -42,7 +42,7 @@ QUICK_LIMITS = {"res": 12, "region_caption": 6, "roc": 6, "dlres": 6}
 DIFFICULTIES = ("colour_only", "needs_shape", "needs_size_or_position")
 """ShapesRef's ``meta.difficulty`` of a RES record (data_builders/synthetic.py)."""
 GROUND_STEPS = 600
-"""Stage 1's first phase: this many RES-only steps (after the reconstruction warm-up), then the mixture of
+"""Stage 1's first phase: this many RES-only steps, then the reconstruction warm-up and the mixture of
 demo_stage1.yaml from that phase's export. With the plain seg projector (``seg_query_norm: none``, the real
 presets' wiring) the random tiny LLM routed the expression into h[SEG] within ~600 RES-only steps, but not
 in 2,000 steps of the mixture, where captions and ROC share the LoRA and embedding updates; once routed, the
@@ -351,18 +351,16 @@ def main(argv: list[str] | None = None) -> dict:
     res0 = res_scores(untrained_dir, "untrained", val, data, evals)
 
     t1 = time.perf_counter()
-    # Stage 1 in two phases of demo_stage1.yaml (GROUND_STEPS explains why): RES only — after the
-    # reconstruction warm-up — then the whole mixture from that phase's export, for the remaining steps.
+    # Stage 1 in two phases of demo_stage1.yaml (GROUND_STEPS explains why): RES only, then the reconstruction
+    # warm-up and the whole mixture from that phase's export, for the remaining steps.
     s1_total = s1 or stage1_cfg.max_steps
     ground = min(2 if args.quick else args.ground_steps, s1_total - 1)
     stage1 = [f"output_dir={out / 'stage1'}", *common, *stage1_extra]
     if ground > 0:
         run_stage("demo_stage1.yaml", [f"output_dir={out / 'stage1_ground'}", f"model.backbone.tokenizer={tok_dir}",
                                        *common, *stage1_extra, "data.train=[{path: train_res.jsonl, weight: 1.0}]",
-                                       # the warm-up's regions come from the mixture's files (RES has none)
-                                       "recon_warmup.files=[train_region_caption.jsonl, train_roc.jsonl]",
-                                       f"max_steps={ground}", f"checkpoint.every={ground}"])
-        stage1 += ["model=null", f"init_from={out / 'stage1_ground' / 'export'}", "recon_warmup.steps=0"]
+                                       "recon_warmup.steps=0", f"max_steps={ground}", f"checkpoint.every={ground}"])
+        stage1 += ["model=null", f"init_from={out / 'stage1_ground' / 'export'}"]
     else:
         stage1 += [f"model.backbone.tokenizer={tok_dir}"]
     run_stage("demo_stage1.yaml", stage1 + [f"max_steps={s1_total - ground}"])

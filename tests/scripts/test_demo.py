@@ -67,7 +67,9 @@ def test_quick_demo_writes_summary_overlays_and_exports(tmp_path):
     assert [Path(src["path"]).name for src in ground["data"]["train"]] == ["train_res.jsonl"]
     mixture = yaml.safe_load((tmp_path / "demo" / "stage1" / "config.yaml").read_text())
     assert mixture["init_from"] == str(tmp_path / "demo" / "stage1_ground" / "export")
-    assert len(mixture["data"]["train"]) > 1 and mixture["recon_warmup"]["steps"] == 0
+    # the reconstruction warm-up runs before the mixture, after the RES-only phase that would undo it
+    assert ground["recon_warmup"]["steps"] == 0
+    assert len(mixture["data"]["train"]) > 1 and mixture["recon_warmup"]["steps"] == 4
     assert ground["max_steps"] + mixture["max_steps"] == 4
     assert (tmp_path / "demo" / "eval" / "run_final_res" / "summary.json").is_file()
     # the one-shot chat example a user would get
