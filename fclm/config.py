@@ -202,6 +202,13 @@ class C3VGConfig:
     """Hidden width of the feed-forward layer after each attention (``None``: 4 × the head's width)."""
     box_outside_weight: float = 0.1
     """Interaction module: weight of image features outside the coarse box (inside: 1; the public code's 0.1)."""
+    coarse_box_anchor: Literal["none", "mask"] = "none"
+    """How stage 1 places its coarse box. ``none`` (the paper's): an MLP regresses the box from the query
+    alone. ``mask``: the box's centre is the coarse mask's soft centre of mass (a softmax of the coarse mask
+    logits over the image's valid cells) moved by the MLP's offset in inverse-sigmoid space, its width and
+    height the MLP's (sigmoid), so the box starts where the mask is and the box losses also move the mask.
+    The specialist demo (``train/configs/demo_c3vg.yaml``) uses ``mask`` (its measured effect:
+    docs/benchmarks.md, "Grounding heads")."""
     text_fusion: bool = True
     """The image tokens attend to the expression before stage 1 (one cross-attention, no MLP). C3VG reads
     the image through a multimodal encoder (BEiT-3) whose image tokens have already seen the text; SAM's

@@ -182,8 +182,9 @@ def test_mim_switch_removes_the_interaction_module(sam: SamBackend) -> None:
     assert len(deeper.mim.layers) == 2
 
 
-def test_padding_cells_are_not_attended_by_the_query(sam: SamBackend) -> None:
-    head = _head(sam).eval()
+@pytest.mark.parametrize("anchor", ["none", "mask"])
+def test_padding_cells_are_not_attended_by_the_query(sam: SamBackend, anchor: str) -> None:
+    head = _head(sam, coarse_box_anchor=anchor).eval()
     inputs = _inputs(2)  # image 2 (query 0) is 70 wide: columns 9.. of the 14-cell grid are padding
     changed = inputs.image_embeddings.clone()
     changed[2, :, :, 9:] += 5.0
@@ -192,6 +193,40 @@ def test_padding_cells_are_not_attended_by_the_query(sam: SamBackend) -> None:
         b = head(dataclasses.replace(inputs, image_embeddings=changed))
     torch.testing.assert_close(a["pred_coarse_boxes"][0], b["pred_coarse_boxes"][0], rtol=0, atol=0)
     assert not torch.equal(a["pred_coarse_masks"][0], b["pred_coarse_masks"][0])  # the masks do see those cells
+
+
+def test_mask_anchor_centres_the_coarse_box_on_the_coarse_mask(sam: SamBackend) -> None:
+    """``coarse_box_anchor: mask``: with a zero offset the coarse box is centred on the softmax-weighted centre
+    of the coarse mask logits over the image's valid pixels (computed here in numpy), sized by the MLP."""
+    head = _head(sam, coarse_box_anchor="mask").eval()
+    last = head.coarse_box.layers[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.0, 0.0, -1.0, 0.5]))
+    inputs = _inputs(3)  # query 0 on image 2 (valid width 70 of 112), 1 on image 0, 2 on image 2
+    with torch.no_grad():
+        out = head(inputs)
+    logits = out["pred_coarse_masks"].double().numpy()
+    H = W = 4 * G
+    for i in range(3):
+        vh, vw = inputs.valid_hw[int(inputs.seg_batch_index[i])].tolist()
+        # valid pixels: those of embedding cells that start inside the image (4 pixels per cell and axis)
+        rows = (np.arange(H) // 4) * S < vh * G
+        cols = (np.arange(W) // 4) * S < vw * G
+        lg = np.where(rows[:, None] & cols[None, :], logits[i], -np.inf)
+        p = np.exp(lg - lg.max())
+        p /= p.sum()
+        cx = float((p.sum(0) * (np.arange(W) + 0.5) / W).sum())
+        cy = float((p.sum(1) * (np.arange(H) + 0.5) / H).sum())
+        w, h = 1 / (1 + np.exp(1.0)), 1 / (1 + np.exp(-0.5))
+        expected = np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0, 1)
+        np.testing.assert_allclose(out["pred_coarse_boxes"][i].numpy(), expected, atol=1e-4)
+    # and the box moves with the mask: the mask's weights get gradient from the coarse box alone
+    for anchor, moves in (("mask", True), ("none", False)):
+        head = _head(sam, coarse_box_anchor=anchor).train()
+        head(_inputs(3))["pred_coarse_boxes"].sum().backward()
+        grad = head.coarse_kernel.layers[0].weight.grad
+        assert (grad is not None and float(grad.abs().sum()) > 0) == moves, anchor
 
 
 def test_config_fields_overrides_and_checks() -> None:
@@ -204,7 +239,9 @@ def test_config_fields_overrides_and_checks() -> None:
     assert build_head("c3vg", cfg=_cfg(), sam=build_sam(cfg.sam), llm_dim=LLM_DIM).hidden_dim == C  # None: prompt dim
     with pytest.raises(ConfigError, match="heads.c3vg.mim"):
         model_config_from_dict({"preset": "tiny", "heads": {"c3vg": {"mim": "yes"}}})
-    for bad in ({"hidden_dim": 60}, {"mim_layers": 0}, {"box_outside_weight": 1.5}, {"hidden_dim": 36, "num_heads": 4}):
+    assert c.coarse_box_anchor == "none"  # the paper's regressed coarse box unless a run asks for the mask anchor
+    for bad in ({"hidden_dim": 60}, {"mim_layers": 0}, {"box_outside_weight": 1.5}, {"hidden_dim": 36, "num_heads": 4},
+                {"coarse_box_anchor": "centre"}):
         with pytest.raises((ValueError, ConfigError), match="heads.c3vg"):
             from_dict(FCLMConfig, {"heads": {"c3vg": bad}})
     with pytest.raises(ValueError, match="not a multiple of heads.c3vg.num_heads 3"):

@@ -30,6 +30,8 @@ Where ours departs from the public code (``UniHeadCoarseToFine`` in github Dmmm1
 * a learned "null" key is always attended besides the expression, so a query without text
   (``text_states`` None) or with all of it padded runs the same blocks;
 * boxes are two sorted sigmoids per axis, so they lie in [0, 1] with x1 ≤ x2 by construction;
+* optionally (``heads.c3vg.coarse_box_anchor: mask``) the coarse box is centred on the coarse mask's soft
+  centre of mass plus a regressed offset, not regressed from the query alone; off by default (the paper's);
 * the image features get the fixed 2-D sine position added (values, not only keys): BEiT-3's tokens carry
   their learned position embedding, SAM's need not (a randomly initialised SAM encoder's ``pos_embed`` is
   zero), and a query that attends to position-free values cannot tell where it looked. Measured on the
@@ -240,7 +242,9 @@ class C3VGHead(nn.Module):
         expression states; frame_size: S, side of the SAM frame (to tell padding cells from valid_hw);
       hidden_dim, num_heads, mlp_dim: the head's sizes; mim: build and use the interaction module
         (off: the refined stage reads the stage-1 query and the plain features); mim_layers,
-        box_outside_weight: of the interaction module.
+        box_outside_weight: of the interaction module; text_fusion: the pixels attend to the expression
+        before stage 1; coarse_box_anchor: "none" (the coarse box regressed from the query) or "mask" (centred
+        on the coarse mask; ``C3VGConfig.coarse_box_anchor``).
     """
 
     def __init__(
@@ -256,6 +260,7 @@ class C3VGHead(nn.Module):
         mim_layers: int = 1,
         box_outside_weight: float = 0.1,
         text_fusion: bool = True,
+        coarse_box_anchor: str = "none",
     ) -> None:
         super().__init__()
         d = hidden_dim
@@ -277,8 +282,14 @@ class C3VGHead(nn.Module):
         self.query_to_text = CrossAttentionBlock(dim=d, num_heads=num_heads, mlp_dim=mlp_dim)
         self.query_to_image = CrossAttentionBlock(dim=d, num_heads=num_heads, mlp_dim=mlp_dim)
         self.coarse_box = MLP(d, d, 4, 3)
-        with torch.no_grad():  # start from a centred box of half the frame, not a degenerate point
-            self.coarse_box.layers[-1].bias.copy_(torch.tensor([-1.1, -1.1, 1.1, 1.1]))
+        if coarse_box_anchor not in ("none", "mask"):
+            raise ValueError(f"coarse_box_anchor must be 'none' or 'mask', not {coarse_box_anchor!r}")
+        self.coarse_box_anchor = coarse_box_anchor
+        with torch.no_grad():
+            if coarse_box_anchor == "none":  # start from a centred box of half the frame, not a degenerate point
+                self.coarse_box.layers[-1].bias.copy_(torch.tensor([-1.1, -1.1, 1.1, 1.1]))
+            else:  # (centre offset, size logits): no offset from the mask's centre, a fifth of the frame
+                self.coarse_box.layers[-1].bias.copy_(torch.tensor([0.0, 0.0, -1.4, -1.4]))
         self.coarse_upscaler = _upscaler(d)
         self.coarse_kernel = MLP(d, d, d // 8, 3)
 
@@ -314,6 +325,23 @@ class C3VGHead(nn.Module):
         cols = torch.arange(w, device=valid_hw.device)[None] * self.frame_size >= valid_hw[:, 1:] * w  # (B,w)
         return (rows[:, :, None] | cols[:, None, :]).flatten(1)
 
+    def _coarse_boxes(self, query: torch.Tensor, coarse_masks: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """Stage 1's (n,4) xyxy boxes from the (n,d) query: regressed (``coarse_box_anchor`` "none"), or
+        centred on the soft centre of mass of the (n,H,W) coarse mask logits over its valid cells ("mask";
+        ``padding`` (n,h,w) True at padding cells of the embedding grid) plus the regressed offset."""
+        out = self.coarse_box(query).float()
+        if self.coarse_box_anchor == "none":
+            return _ordered_boxes(out)
+        hh, ww = coarse_masks.shape[-2:]
+        pad = padding.repeat_interleave(hh // padding.shape[1], 1).repeat_interleave(ww // padding.shape[2], 2)
+        weights = coarse_masks.float().flatten(1).masked_fill(pad.flatten(1), float("-inf")).softmax(-1)  # (n,H·W)
+        ys = (torch.arange(hh, device=query.device, dtype=torch.float32) + 0.5) / hh
+        xs = (torch.arange(ww, device=query.device, dtype=torch.float32) + 0.5) / ww
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)  # (H·W,2) cell centres, (x,y)
+        centre = (_inverse_sigmoid(weights @ grid) + out[:, :2]).sigmoid()
+        half = out[:, 2:].sigmoid() / 2
+        return torch.cat([centre - half, centre + half], -1).clamp(0, 1)
+
     def forward(self, inputs: HeadInputs) -> dict[str, torch.Tensor]:
         dtype = self.seg_proj.weight.dtype
         n = inputs.num_queries
@@ -337,10 +365,10 @@ class C3VGHead(nn.Module):
         # Stage 1: Rough Semantic Perception.
         query = self.query_to_text(query, text, memory_padding=text_padding)
         query = self.query_to_image(query, tokens, memory_pos=pixel_pos, memory_padding=pixel_padding)
-        coarse_boxes = _ordered_boxes(self.coarse_box(query[:, 0]))
         # (n,d/8,4h,4w): once per image, or per query when the features have read its expression
         upscaled = self.coarse_upscaler(features) if self.text_fusion is not None else self.coarse_upscaler(images)[batch_index]
         coarse_masks = torch.einsum("nc,nchw->nhw", self.coarse_kernel(query[:, 0]), upscaled)
+        coarse_boxes = self._coarse_boxes(query[:, 0], coarse_masks, pixel_padding.view(n, h, w))
 
         # Stage 2: Refined Consistency Interaction.
         if self.mim is not None:
@@ -385,4 +413,5 @@ def build_c3vg_head(*, cfg: "FCLMConfig", sam: "SamBackend", llm_dim: int) -> C3
         mim_layers=c.mim_layers,
         box_outside_weight=c.box_outside_weight,
         text_fusion=c.text_fusion,
+        coarse_box_anchor=c.coarse_box_anchor,
     )
