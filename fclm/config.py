@@ -267,6 +267,17 @@ class IGVGConfig:
     all multi-scale tokens (DETR)."""
     decoder_layers: int = 3
     """Query decoder layers (each one's boxes are supervised, DETR's auxiliary losses)."""
+    decoder_text_attention: bool = False
+    """Ours (off = the paper): each decoder layer also attends to the expression tokens, between its
+    self-attention and its image cross-attention (Grounding DINO's decoder order). IGVG's decoder reads
+    image features that its multimodal encoder already fused with the text; here the finer pyramid
+    levels come from the text-blind SAM embeddings, so without this a query refined there is told the
+    expression only through its initial content."""
+    class_head: Literal["linear", "text"] = "linear"
+    """How a query's object/no-object logits are made: ``linear`` (DETR, the paper: a linear layer of the
+    query), or ``text`` (ours; Grounding DINO's contrastive classification): the object logit is the
+    scaled dot product of the projected query and the projected ``[SEG]`` state plus a bias, the
+    no-object logit 0, so "is this object the expression's" is a product of the two by construction."""
     fpn_scales: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5)
     """SimFPN levels, as scales of the SAM embedding grid (subset of 4, 2, 1, 0.5, with 1). The finest
     sets the mask resolution (×4: the SAM low-res mask size)."""

@@ -168,9 +168,10 @@ def test_no_queries(sam) -> None:
     assert set(crit.loss_weights) <= set(losses) and all(float(losses[k]) == 0.0 for k in crit.loss_weights)
 
 
-def test_rows_do_not_interact(sam) -> None:
+@pytest.mark.parametrize("switches", [{}, {"decoder_text_attention": True, "class_head": "text"}])
+def test_rows_do_not_interact(sam, switches) -> None:
     """A row's outputs depend on its own [SEG], text and image only (batched = one at a time)."""
-    head = _head(sam).eval()
+    head = _head(sam, **switches).eval()
     inputs = _inputs(3)
     with torch.no_grad():
         full = head(inputs)
@@ -281,6 +282,50 @@ def test_attention_switch(sam) -> None:
     assert layer.num_levels == 4
 
 
+def test_decoder_text_attention_switch(sam) -> None:
+    """On: every decoder layer reads the expression tokens (gradient reaches its text attention, padding
+    is ignored); off: the layers have no text attention. A layer that has one refuses to run without text."""
+    off = _head(sam)
+    assert all(layer.text_attn is None for layer in off.decoder)
+    head = _head(sam, decoder_text_attention=True, dropout=0.0)
+    inputs = _inputs(3)
+    out = head(inputs)
+    out["pred_logits_layers"][:, -1].sum().backward()
+    for layer in head.decoder:
+        assert float(layer.text_attn.in_proj_weight.grad.abs().sum()) > 0
+    head.eval()
+    padded = inputs.text_states.clone()
+    padded[inputs.text_padding_mask] = 1e3  # only padding positions change
+    moved = dataclasses.replace(inputs, text_states=padded)
+    with torch.no_grad():
+        torch.testing.assert_close(head(inputs)["pred_logits"], head(moved)["pred_logits"])
+    from fclm.model.heads.igvg_ops import Memory
+
+    mem = Memory(None, torch.randn(1, 16, 64), torch.zeros(1, dtype=torch.long), [], [(4, 4)])
+    with pytest.raises(ValueError, match="pass text"):
+        head.decoder[0](torch.randn(1, 2, 64), torch.randn(1, 2, 64), torch.rand(1, 2, 2), mem)
+
+
+def test_text_class_head_is_the_scaled_similarity_to_the_seg_state(sam) -> None:
+    """class_head=text: object logit = <W_q q, W_t z_seg>/√d + b, no-object logit 0, recomputed here from the
+    last decoder layer's queries; the object probability is then σ(object logit)."""
+    head = _head(sam, class_head="text").eval()
+    assert not hasattr(head, "class_head")
+    captured = {}
+    head.decoder[-1].register_forward_hook(lambda mod, args, out: captured.__setitem__("tgt", out))
+    inputs = _inputs(3)
+    with torch.no_grad():
+        out = head(inputs)
+        z = head.seg_proj(inputs.seg_embeddings)
+        expected = torch.stack([
+            torch.stack([head.class_query(captured["tgt"][r, q]) @ head.class_text(z[r]) for q in range(10)])
+            for r in range(3)
+        ]) / math.sqrt(head.dim) + head.class_bias
+    torch.testing.assert_close(out["pred_logits"][..., 0], expected)
+    assert bool((out["pred_logits"][..., 1] == 0).all())
+    torch.testing.assert_close(out["pred_scores"], torch.sigmoid(expected) * torch.sigmoid(out["pred_exists"])[:, None])
+
+
 # --------------------------------------------------------------------------------------------------
 # post-processing
 # --------------------------------------------------------------------------------------------------
@@ -351,7 +396,8 @@ def test_config_fields_and_checks() -> None:
     cfg = _cfg(fpn_scales=[4, 1], point_selector="topk", query_init="learned", attention="plain")
     assert cfg.heads.igvg.fpn_scales == (4.0, 1.0) and cfg.heads.igvg.point_selector == "topk"
     for bad, match in [({"fpn_scales": [4.0, 2.0]}, "must include 1"), ({"fpn_scales": [3.0, 1.0]}, "distinct values"),
-                       ({"point_selector": "random"}, "not one of"), ({"hidden_dim": 60}, "multiple")]:
+                       ({"point_selector": "random"}, "not one of"), ({"hidden_dim": 60}, "multiple"),
+                       ({"class_head": "cosine"}, "not one of")]:
         with pytest.raises((ValueError, ConfigError), match=match):
             _cfg(**bad)
     assert dataclasses.replace(IGVGConfig(), hidden_dim=None).hidden_dim is None

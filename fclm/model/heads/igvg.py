@@ -31,6 +31,11 @@ Other departures from the paper / the authors' public code, and why:
 * ``seg_hidden`` is not read: the head sees the ``[SEG]`` state through z_seg = seg_projector(h[SEG]),
   so the projector is trained by this head like by the others.
 * Norms are LayerNorms (rows are single expressions; BatchNorm statistics would depend on the routing).
+* Two switches, off by default (the paper's head): ``decoder_text_attention`` adds a cross-attention to
+  the expression tokens in each decoder layer (Grounding DINO's decoder), because the finer pyramid
+  levels here come from text-blind SAM embeddings; ``class_head: text`` makes the object logit a scaled
+  dot product of the query and z_seg (Grounding DINO's contrastive classification). Their effect at
+  demo scale is measured in ``docs/benchmarks.md`` ("Grounding heads").
 
 Outputs (n rows, Q = N_q, L decoder layers, Hl × Wl = finest pyramid level, h × w = SAM grid):
 ``pred_masks`` (n,Q,Hl,Wl) logits, ``pred_boxes`` (n,Q,4) frame xyxy, ``pred_scores`` (n,Q),
@@ -109,10 +114,16 @@ class IGVGHead(nn.Module):
         nn.init.normal_(self.level_embed, std=0.02)
         self.decoder = nn.ModuleList(
             QueryDecoderLayer(d, heads, ffn, cfg.dropout, attention=cfg.attention, num_levels=len(cfg.fpn_scales),
-                              num_points=cfg.num_points)
+                              num_points=cfg.num_points, text_attention=cfg.decoder_text_attention)
             for _ in range(cfg.decoder_layers)
         )
-        self.class_head = nn.Linear(d, 2)  # object / no object, shared by the layers (as the authors' code)
+        # object / no object, shared by the layers (as the authors' code)
+        if cfg.class_head == "linear":
+            self.class_head = nn.Linear(d, 2)
+        else:  # "text": <W_q q, W_t z_seg>/√d + b against a fixed no-object logit 0
+            self.class_query = nn.Linear(d, d)
+            self.class_text = nn.Linear(d, d)
+            self.class_bias = nn.Parameter(torch.zeros(()))
         self.box_head = MLP(d, d, 4, 3)
         nn.init.constant_(self.box_head.layers[-1].bias.data[2:], -2.0)
         # 4. global branch
@@ -183,8 +194,8 @@ class IGVGHead(nn.Module):
         ref = inverse_sigmoid(points)
         layer_logits, layer_boxes = [], []
         for layer in self.decoder:
-            tgt = layer(tgt, query_pos, points, memory, memory_pos, memory_pad)
-            layer_logits.append(self.class_head(tgt))
+            tgt = layer(tgt, query_pos, points, memory, memory_pos, memory_pad, tokens, token_pad)
+            layer_logits.append(self._class_logits(tgt, seg_token))
             delta = self.box_head(tgt)
             layer_boxes.append(torch.cat([delta[..., :2] + ref, delta[..., 2:]], -1).sigmoid())
         logits_layers = torch.stack(layer_logits, 1)  # (n,L,Q,2)
@@ -217,6 +228,15 @@ class IGVGHead(nn.Module):
             "pred_logits_layers": logits_layers,
             "pred_boxes_layers": boxes_layers,
         }
+
+    def _class_logits(self, tgt: torch.Tensor, seg_token: torch.Tensor) -> torch.Tensor:
+        """(n,Q,2) object / no-object logits of the queries ``tgt`` (n,Q,d); ``seg_token`` (n,d) is z_seg
+        projected, read by ``class_head: text`` only."""
+        if self.cfg.class_head == "linear":
+            return self.class_head(tgt)
+        sim = torch.einsum("nqd,nd->nq", self.class_query(tgt), self.class_text(seg_token)) / self.dim ** 0.5
+        obj = sim + self.class_bias
+        return torch.stack([obj, torch.zeros_like(obj)], -1)
 
     def _text_tokens(self, inputs: HeadInputs, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """[z_seg; expression states] projected to the head's width (n,1+T,d) and their padding mask."""

@@ -412,7 +412,9 @@ class MSDeformAttn(nn.Module):
 
 
 class QueryDecoderLayer(nn.Module):
-    """One decoder layer: query self-attention, cross-attention to the multi-scale maps, FFN (post-norm).
+    """One decoder layer: query self-attention, [cross-attention to the expression tokens,] cross-attention
+    to the multi-scale maps, FFN (post-norm). The text cross-attention (``text_attention=True``) sits where
+    Grounding DINO's decoder has it, between the self-attention and the image cross-attention.
 
     ``attention="deformable"``: :class:`MSDeformAttn` around each query's reference point;
     ``"plain"`` (ablation, seed 001 Tab. 7 "DETR"): multi-head attention over all multi-scale tokens
@@ -420,10 +422,12 @@ class QueryDecoderLayer(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float, *, attention: str,
-                 num_levels: int, num_points: int) -> None:
+                 num_levels: int, num_points: int, text_attention: bool = False) -> None:
         super().__init__()
         self.attention = attention
         self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.text_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True) if text_attention else None
+        self.text_norm = nn.LayerNorm(dim) if text_attention else None
         if attention == "deformable":
             self.cross_attn: nn.Module = MSDeformAttn(dim, num_heads, num_levels, num_points)
         elif attention == "plain":
@@ -435,11 +439,18 @@ class QueryDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, tgt: torch.Tensor, query_pos: torch.Tensor, reference_points: torch.Tensor, memory: Memory,
-                memory_pos: torch.Tensor | None = None, memory_padding: torch.Tensor | None = None) -> torch.Tensor:
+                memory_pos: torch.Tensor | None = None, memory_padding: torch.Tensor | None = None,
+                text: torch.Tensor | None = None, text_padding: torch.Tensor | None = None) -> torch.Tensor:
         """tgt, query_pos (n,Q,D); reference_points (n,Q,2); memory_pos (1,ΣHW,D) and memory_padding
-        (n,ΣHW) bool are used by plain attention only."""
+        (n,ΣHW) bool are used by plain attention only; text (n,T,D) and text_padding (n,T) bool by the
+        text cross-attention only (required when the layer has one)."""
         q = tgt + query_pos
         tgt = self.norm1(tgt + self.dropout(self.self_attn(q, q, tgt, need_weights=False)[0]))
+        if self.text_attn is not None:
+            if text is None:
+                raise ValueError("this decoder layer attends to the expression: pass text (n,T,D)")
+            att = self.text_attn(tgt + query_pos, text, text, key_padding_mask=text_padding, need_weights=False)[0]
+            tgt = self.text_norm(tgt + self.dropout(att))
         q = tgt + query_pos
         if self.attention == "deformable":
             cross = self.cross_attn(q, reference_points, memory)
