@@ -303,6 +303,11 @@ class IGVGConfig:
     """Supervise the boxes and classes of every decoder layer, not only the last."""
     score_weighted: bool = True
     """Instance score = object probability × exists probability (the authors' post-processing)."""
+    nms_iou: float | None = None
+    """Post-processing (ours; ``None`` = the paper, which has none): among the instances that reach
+    ``score_threshold``, greedy box NMS drops any whose box overlaps a higher-scored kept box at IoU
+    above this. It removes the duplicates a briefly trained set decoder leaves (several queries on one
+    object); the set loss alone is meant to suppress them."""
     output_masks: Literal["merge", "instance", "global"] = "merge"
     """What a query's masks cover after post-processing: kept instances ∪ the global mask (each global
     pixel given to the kept instance that responds most there), the instances only, or the global mask
@@ -329,6 +334,8 @@ class IGVGConfig:
             raise ValueError("heads.igvg.ffn_dim must be positive")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("heads.igvg.dropout must be in [0, 1)")
+        if self.nms_iou is not None and not 0.0 < self.nms_iou <= 1.0:
+            raise ValueError(f"heads.igvg.nms_iou must be in (0, 1] or null, got {self.nms_iou}")
         if min(self.dist_weight, self.cost_class, self.cost_box_l1, self.cost_giou, self.cost_point, self.eos_coef, self.neg_weight) < 0:
             raise ValueError("heads.igvg.dist_weight, cost_* , eos_coef and neg_weight must be >= 0")
 

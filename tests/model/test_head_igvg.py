@@ -365,6 +365,24 @@ def test_detections_threshold_fusion_and_no_target(sam) -> None:
     assert torch.equal(det.masks, preds["pred_masks"][0, [0, 2]])
 
 
+def test_nms_drops_overlapping_kept_boxes_by_score() -> None:
+    """nms_iou: greedy NMS over the kept instances only, highest score first (reference computed by hand)."""
+    boxes = torch.tensor([[[0.1, 0.1, 0.5, 0.5], [0.12, 0.1, 0.5, 0.5], [0.6, 0.6, 0.9, 0.9], [0.1, 0.1, 0.45, 0.5],
+                           [0.6, 0.62, 0.9, 0.9]]])
+    scores = [0.8, 0.9, 0.75, 0.95, 0.5]  # query 4 duplicates query 2 but is under the threshold
+    preds = {**_preds(0.99, scores), "pred_boxes": boxes}
+    sam = build_sam(_cfg().sam)
+    off = _head(sam).detections(preds, 0, 0.7)
+    assert off.scores.tolist() == pytest.approx([0.8, 0.9, 0.75, 0.95])
+    on = _head(sam, nms_iou=0.5).detections(preds, 0, 0.7)
+    # 3 (0.95) keeps; 1 and 0 overlap it at IoU 0.83 / 0.875 → dropped; 2 overlaps nothing kept → kept
+    assert on.scores.tolist() == pytest.approx([0.75, 0.95]) and torch.equal(on.boxes, boxes[0, [2, 3]])
+    loose = _head(sam, nms_iou=0.9).detections(preds, 0, 0.7)
+    assert loose.scores.tolist() == pytest.approx([0.9, 0.75, 0.95])  # only 0 vs 1 (IoU 0.95) exceeds 0.9
+    with pytest.raises((ValueError, ConfigError), match="nms_iou"):
+        _cfg(nms_iou=0.0)
+
+
 def test_no_target_sample_end_to_end(sam) -> None:
     """A no-target expression: finite losses, and a few steps on it make the head answer "no target"."""
     torch.manual_seed(0)

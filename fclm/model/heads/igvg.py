@@ -49,6 +49,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torchvision
 from torch import nn
 
 from fclm.losses.igvg import IGVGCriterion, build_igvg_criterion
@@ -270,7 +271,8 @@ class IGVGHead(nn.Module):
     @torch.no_grad()
     def detections(self, preds: dict[str, torch.Tensor], j: int, score_threshold: float) -> Detections:
         """Post-processing of query ``j``: no target when exists < 0.5; else the instances whose score
-        reaches ``score_threshold``, fused with the global mask (``output_masks``, see the config).
+        reaches ``score_threshold`` (then box NMS at ``nms_iou`` when set), fused with the global mask
+        (``output_masks``, see the config).
 
         ``merge``: every pixel of the global mask goes to the kept instance whose mask logit is highest
         there (its logit becomes ``max(instance, global)``), so the union of the returned masks is the
@@ -290,6 +292,11 @@ class IGVGHead(nn.Module):
                 return Detections(masks=masks[:0], scores=scores[:0], boxes=boxes[:0], exists=exists)
             return Detections(masks=glob[None], scores=scores.max().reshape(1), boxes=None, exists=exists)
         keep = scores >= score_threshold
+        if self.cfg.nms_iou is not None and bool(keep.any()):
+            idx = keep.nonzero()[:, 0]
+            survivors = torchvision.ops.nms(boxes[idx].float(), scores[idx], self.cfg.nms_iou)
+            keep = torch.zeros_like(keep)
+            keep[idx[survivors]] = True
         inst, kept_scores, kept_boxes = masks[keep], scores[keep], boxes[keep]
         if mode == "instance":
             return Detections(masks=inst, scores=kept_scores, boxes=kept_boxes, exists=exists)
