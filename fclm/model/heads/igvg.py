@@ -34,8 +34,9 @@ Other departures from the paper / the authors' public code, and why:
 * Two switches, off by default (the paper's head): ``decoder_text_attention`` adds a cross-attention to
   the expression tokens in each decoder layer (Grounding DINO's decoder), because the finer pyramid
   levels here come from text-blind SAM embeddings; ``class_head: text`` makes the object logit a scaled
-  dot product of the query and z_seg (Grounding DINO's contrastive classification). Their effect at
-  demo scale is measured in ``docs/benchmarks.md`` ("Grounding heads").
+  dot product of the query and z_seg (Grounding DINO's contrastive classification). A third,
+  ``nms_iou``, adds box NMS to the post-processing (the paper has none). Their effect at demo scale is
+  measured in ``docs/benchmarks.md`` ("Grounding heads", finding 7).
 
 Outputs (n rows, Q = N_q, L decoder layers, Hl × Wl = finest pyramid level, h × w = SAM grid):
 ``pred_masks`` (n,Q,Hl,Wl) logits, ``pred_boxes`` (n,Q,4) frame xyxy, ``pred_scores`` (n,Q),
