@@ -365,13 +365,12 @@ def test_detections_threshold_fusion_and_no_target(sam) -> None:
     assert torch.equal(det.masks, preds["pred_masks"][0, [0, 2]])
 
 
-def test_nms_drops_overlapping_kept_boxes_by_score() -> None:
+def test_nms_drops_overlapping_kept_boxes_by_score(sam) -> None:
     """nms_iou: greedy NMS over the kept instances only, highest score first (reference computed by hand)."""
     boxes = torch.tensor([[[0.1, 0.1, 0.5, 0.5], [0.12, 0.1, 0.5, 0.5], [0.6, 0.6, 0.9, 0.9], [0.1, 0.1, 0.45, 0.5],
                            [0.6, 0.62, 0.9, 0.9]]])
     scores = [0.8, 0.9, 0.75, 0.95, 0.5]  # query 4 duplicates query 2 but is under the threshold
     preds = {**_preds(0.99, scores), "pred_boxes": boxes}
-    sam = build_sam(_cfg().sam)
     off = _head(sam).detections(preds, 0, 0.7)
     assert off.scores.tolist() == pytest.approx([0.8, 0.9, 0.75, 0.95])
     on = _head(sam, nms_iou=0.5).detections(preds, 0, 0.7)
