@@ -172,8 +172,13 @@ class OptimConfig:
     """Clip the global gradient norm to this (0: no clipping)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    """Learning-rate multiplier per trainable part (names of ``trainability``: ``vision_tower``, ``llm``,
+    ``projectors``, …), e.g. ``{vision_tower: 0.1}``; parts not named train at ``lr``."""
 
     def __post_init__(self) -> None:
+        if any(not v > 0 for v in self.lr_scale.values()):
+            raise ValueError(f"optim.lr_scale values must be > 0, got {self.lr_scale}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0 or self.grad_accum < 1 or self.grad_clip < 0:

@@ -122,13 +122,17 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, ds_config: dict | None) 
     With an ``optimizer`` block in the DeepSpeed JSON (the offload configs: DeepSpeed's CPU Adam),
     accelerate's ``DummyOptim`` / ``DummyScheduler`` hand the same settings to DeepSpeed.
     """
-    decay, no_decay = [], []
+    o = cfg.optim
+    scale_of = _lr_scales(model, o.lr_scale)
+    buckets: dict[tuple[float, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "trainable_tokens" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    o = cfg.optim
+            decays = not (p.ndim < 2 or "trainable_tokens" in name)
+            buckets.setdefault((scale_of.get(id(p), 1.0), decays), []).append(p)
+    groups = [
+        {"params": params, "weight_decay": o.weight_decay if decays else 0.0, **({"lr": o.lr * scale} if scale != 1.0 else {})}
+        for (scale, decays), params in sorted(buckets.items(), key=lambda kv: (kv[0][0] != 1.0, kv[0][0], not kv[0][1]))
+    ]
     if ds_config is not None and "optimizer" in ds_config:
         from accelerate.utils import DummyOptim, DummyScheduler
 
@@ -138,6 +142,19 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, ds_config: dict | None) 
         return optimizer, scheduler
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+
+def _lr_scales(model: nn.Module, lr_scale: dict[str, float]) -> dict[int, float]:
+    """``id(parameter) → optim.lr_scale`` of its trainability part, for the parts named there."""
+    if not lr_scale:
+        return {}
+    from fclm.training.trainability import PART_ORDER, parameter_parts
+
+    unknown = sorted(set(lr_scale) - set(PART_ORDER))
+    if unknown:
+        raise ValueError(f"optim.lr_scale names unknown parts {unknown}; known: {list(PART_ORDER)}")
+    owner = parameter_parts(model)
+    return {pid: lr_scale[part] for pid, part in owner.items() if part in lr_scale}
 
 
 def build_data(cfg: TrainConfig, processor: Any, *, rank: int, world_size: int) -> tuple[Any, Any]:

@@ -140,3 +140,29 @@ def test_reapplying_a_policy_is_idempotent_and_merge_restores_plain_backbone(bas
     assert model.backbone is model.qwen
     assert not any("lora_" in n or "trainable_tokens" in n for n, _ in model.named_parameters())
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in base_model.parameters())
+
+
+def test_optim_lr_scale_gives_a_part_its_own_learning_rate(base_model):
+    from fclm.training.config import OptimConfig, TrainConfig
+    from fclm.training.loop import build_optimizer
+
+    model = copy.deepcopy(base_model)
+    apply_trainability(model, TrainabilityPolicy(llm="lora", vision_tower="full"))
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    visual = {id(p) for p in model.qwen.model.visual.parameters()} & trainable
+    cfg = TrainConfig(optim=OptimConfig(lr=1e-3, lr_scale={"vision_tower": 0.1}, weight_decay=0.01))
+    optimizer, scheduler = build_optimizer(cfg, model, None)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert set(lr_of) == trainable and visual  # every trainable parameter once, the tower among them
+    assert all(lr_of[i] == pytest.approx(1e-4) for i in visual)
+    assert all(lr_of[i] == pytest.approx(1e-3) for i in trainable - visual)
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    for name, p in model.qwen.model.visual.named_parameters():  # biases and norms still skip weight decay
+        assert decay_of[id(p)] == (0.0 if p.ndim < 2 else 0.01), name
+    # without lr_scale: the two groups of before (decay, no decay), all at lr
+    plain, _ = build_optimizer(TrainConfig(optim=OptimConfig(lr=1e-3)), model, None)
+    assert [g["weight_decay"] for g in plain.param_groups] == [0.0, 0.0] and all(g["lr"] == 1e-3 for g in plain.param_groups)
+    with pytest.raises(ValueError, match="unknown parts"):
+        build_optimizer(TrainConfig(optim=OptimConfig(lr_scale={"vision": 0.1})), model, None)
+    with pytest.raises(ValueError, match="must be > 0"):
+        OptimConfig(lr_scale={"llm": 0.0})
