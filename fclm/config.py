@@ -378,6 +378,29 @@ class TextEncoderConfig:
 
 
 @dataclass
+class ImageStemConfig:
+    """A trainable convolutional stem beside the SAM image embeddings of a head specialist
+    (``kind: head_specialist`` only; :class:`fclm.model.specialist.ImageStem`).
+
+    C3VG and IGVG train their visual backbones; the specialist's frozen SAM encoder is random at the
+    ``tiny`` preset, and its mask-pooled embeddings tell an object's colour but hardly its shape
+    (docs/benchmarks.md, "Grounding heads", finding 9). The stem reads the SAM-normalised image, reaches
+    the SAM grid with stride-2 convolutions (``log2(sam.patch_size)`` of them) and adds its features to
+    the embeddings through a zero-initialised projection, so training starts from the plain embeddings.
+    It is the specialist's ``vision_tower`` part for ``trainability``."""
+
+    enabled: bool = False
+    channels: int = 64
+    """Width of the convolutions."""
+    extra_layers: int = 1
+    """3×3 stride-1 convolutions after the last stride-2 one (wider receptive field)."""
+
+    def __post_init__(self) -> None:
+        if self.channels < 1 or self.extra_layers < 0:
+            raise ValueError("image_stem.channels must be >= 1 and image_stem.extra_layers >= 0")
+
+
+@dataclass
 class LossConfig:
     """Loss weights (DESIGN §2) and seed 002's ablation switches."""
 
@@ -421,6 +444,8 @@ class FCLMConfig:
     SAM image embeddings and a small text encoder (:class:`TextEncoderConfig`) in place of the LLM, no
     vision tower, no region tokens (:mod:`fclm.model.specialist`)."""
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    """Used by ``kind: head_specialist`` only."""
+    image_stem: ImageStemConfig = field(default_factory=ImageStemConfig)
     """Used by ``kind: head_specialist`` only."""
     decode_mask_tokens: bool = False
     """Also decode ``<mask>`` tokens through a projector + SAM decoder (needed for self-reconstruction

@@ -22,14 +22,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fclm.config import FCLMConfig, TextEncoderConfig, from_dict, to_dict
+from fclm.config import FCLMConfig, ImageStemConfig, TextEncoderConfig, from_dict, to_dict
 from fclm.io import write_json
 from fclm.model.fclm import CONFIG_NAME, MODULES_NAME, gather_expression_states, route_to_heads
 from fclm.model.heads import build_head
 from fclm.model.projectors import MLPProjector
 from fclm.model.sam import SamBackend, build_sam
 
-__all__ = ["TextEncoder", "HeadSpecialist", "build_head_specialist"]
+__all__ = ["TextEncoder", "ImageStem", "HeadSpecialist", "build_head_specialist"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,36 @@ class TextEncoder(nn.Module):
         return self.norm(self.encoder(x, mask=mask))
 
 
+class ImageStem(nn.Module):
+    """SAM-normalised image (B,3,S,S) → features (B,C_out,S/stride,S/stride) on the SAM embedding grid.
+
+    ``log2(stride)`` blocks of 3×3 stride-2 convolution + GroupNorm + GELU, ``cfg.extra_layers`` 3×3
+    stride-1 blocks, then a 1×1 projection initialised to zero (the sum with the SAM embeddings starts
+    as the embeddings alone).
+    """
+
+    def __init__(self, cfg: ImageStemConfig, *, stride: int, out_dim: int) -> None:
+        super().__init__()
+        if stride < 2 or stride & (stride - 1):
+            raise ValueError(f"image_stem needs sam.patch_size to be a power of two >= 2, got {stride}")
+        c = cfg.channels
+        groups = next(g for g in (8, 4, 2, 1) if c % g == 0)
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for _ in range(stride.bit_length() - 1):
+            layers += [nn.Conv2d(in_ch, c, 3, stride=2, padding=1), nn.GroupNorm(groups, c), nn.GELU()]
+            in_ch = c
+        for _ in range(cfg.extra_layers):
+            layers += [nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(groups, c), nn.GELU()]
+        self.body = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(c, out_dim, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.body(images))
+
+
 class HeadSpecialist(nn.Module):
     """SAM image embeddings + :class:`TextEncoder` → seg projector → the routed grounding heads.
 
@@ -84,9 +114,11 @@ class HeadSpecialist(nn.Module):
         heads: dict[str, nn.Module],
         token_ids: dict[str, int],
         config: FCLMConfig,
+        image_stem: ImageStem | None = None,
     ) -> None:
         super().__init__()
         self.text_encoder = text_encoder
+        self.image_stem = image_stem
         self.sam = sam
         self.seg_projector = seg_projector
         self.heads = nn.ModuleDict(heads)
@@ -98,6 +130,7 @@ class HeadSpecialist(nn.Module):
         """Parts for :func:`fclm.training.trainability.apply_trainability`: the text encoder is the ``llm`` part."""
         return {
             "sam_image_encoder": [self.sam.image_encoder],
+            "vision_tower": [self.image_stem] if self.image_stem is not None else [],
             "sam_decoder": [self.sam.prompt_encoder, self.sam.mask_decoder],
             "llm": [self.text_encoder],
             "projectors": [self.seg_projector],
@@ -109,6 +142,8 @@ class HeadSpecialist(nn.Module):
         image_embeddings = batch.get("sam_image_embeddings")
         if image_embeddings is None:
             image_embeddings = self.sam.encode(batch["sam_images"])
+        if self.image_stem is not None:
+            image_embeddings = image_embeddings + self.image_stem(batch["sam_images"])
         input_ids, attention = batch["input_ids"], batch["attention_mask"].bool()
         text = attention & (input_ids != self.token_ids["image_pad"])
         hidden = self.text_encoder(input_ids, text)
@@ -169,7 +204,11 @@ def _assemble(config: FCLMConfig, processor: Any, *, load_sam_checkpoint: bool =
     tokenizer = processor.tokenizer
     dim = config.text_encoder.hidden_size
     heads = {name: build_head(name, cfg=config, sam=sam, llm_dim=dim) for name in config.heads.enabled}
+    stem = None
+    if config.image_stem.enabled:
+        stem = ImageStem(config.image_stem, stride=config.sam.patch_size, out_dim=config.sam.prompt_embed_dim)
     model = HeadSpecialist(
+        image_stem=stem,
         text_encoder=TextEncoder(len(tokenizer), config.text_encoder),
         sam=sam,
         seg_projector=MLPProjector(in_dim=dim, out_dim=config.sam.prompt_embed_dim, num_layers=config.projector_layers,

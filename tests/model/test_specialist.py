@@ -78,3 +78,34 @@ def test_specialist_refuses_lora(specialist: HeadSpecialist) -> None:
     assert n == sum(p.numel() for p in specialist.parameters() if p.requires_grad)
     assert not any(p.requires_grad for p in specialist.sam.image_encoder.parameters())
     assert all(p.requires_grad for p in specialist.text_encoder.parameters())
+
+
+def test_image_stem_starts_as_the_embeddings_and_learns(shapes_dir: Path) -> None:
+    from fclm.training.config import TrainabilityPolicy
+    from fclm.training.trainability import apply_trainability
+
+    torch.manual_seed(0)
+    cfg = model_config_from_dict({"preset": "tiny", "kind": "head_specialist", "image_stem": {"enabled": True, "channels": 16}})
+    model = build_head_specialist(cfg)
+    torch.manual_seed(0)
+    plain = build_head_specialist(model_config_from_dict({"preset": "tiny", "kind": "head_specialist"}))
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("image_stem.")})
+    _, batch = _batch(model, shapes_dir, n=2)
+    grid = cfg.sam.embedding_size
+    assert model.image_stem(batch["sam_images"]).shape == (2, cfg.sam.prompt_embed_dim, grid, grid)
+    model.eval()
+    plain.eval()
+    with torch.no_grad():  # zero-initialised projection: the same model as without the stem
+        torch.testing.assert_close(model(batch)["heads"]["sam"]["pred_masks"], plain(batch)["heads"]["sam"]["pred_masks"])
+    # the stem is the specialist's vision_tower part, and a gradient reaches its convolutions
+    apply_trainability(model, TrainabilityPolicy(llm="full", vision_tower="full"))
+    assert all(p.requires_grad for p in model.image_stem.parameters())
+    model.train()
+    out = model(batch)
+    build_criterion(LossConfig(), cfg).weighted_total(build_criterion(LossConfig(), cfg)(out, batch)).backward()
+    assert model.image_stem.proj.weight.grad.abs().sum() > 0
+    apply_trainability(model, TrainabilityPolicy(llm="full"))
+    assert not any(p.requires_grad for p in model.image_stem.parameters())
+    with pytest.raises(ValueError, match="power of two"):
+        build_head_specialist(model_config_from_dict({"preset": "tiny", "kind": "head_specialist",
+                                                      "image_stem": {"enabled": True}, "sam": {"patch_size": 14}}))
