@@ -1,7 +1,7 @@
 """The main job: a tiny FCLM learns both directions on ShapesRef, on CPU, end to end.
 
-    python scripts/demo.py [--out runs/demo] [--quick] [--threads N] [--seed S] [--train-sam-encoder]
-                                                            (scripts/demo.sh installs first, then runs this)
+    python scripts/demo.py [--out runs/demo] [--quick] [--threads N] [--seed S] [--train-sam-encoder] [--heads]
+                                                            (scripts/demo.sh installs first, then runs this with --heads)
 
 1. builds ShapesRef (``fclm-data synthetic``) and a tiny byte-level BPE on its training text;
 2. scores the untrained model (the baseline), runs demo stage 1 and demo stage 2 (``fclm-train``);
@@ -14,14 +14,21 @@
    held-out regions whose size and position words are right;
 5. asks the final model one held-out question with ``fclm-chat`` one-shot: ``OUT/chat_example.png``
    and ``OUT/chat_example.json``.
+
+With ``--heads`` it also runs ``scripts/demo_heads.py`` (the C3VG and IGVG heads trained as specialists,
+``OUT/heads_summary.json``) with the same shared options: at one torch thread in a second process beside
+this one, so the two use the two cores (its output goes to ``OUT/heads_demo.log`` and is printed at the
+end), with more threads after this one.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -314,6 +321,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0, help="seed of the model initialisation and of both stages' training")
     ap.add_argument("--train-sam-encoder", action="store_true",
                     help="stage 1 also trains the SAM image encoder (no SAM embedding cache; slower)")
+    ap.add_argument("--heads", action="store_true",
+                    help="also run scripts/demo_heads.py: beside this run at one thread (two cores), after it otherwise")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
@@ -331,6 +341,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     data = build_data(out, n_train, n_val)
     tok_dir = build_tokenizer(data, out)
+    heads_argv = [a for a in argv if a != "--heads"]
+    heads = HeadsDemo(heads_argv, out) if args.heads and args.threads == 1 else None  # after the data it reads
     val = load_val(data, limits)
     train_captions = [r["messages"][-1]["content"] for r in read_jsonl(data / "train_region_caption.jsonl")]
     evals = out / "eval"
@@ -412,7 +424,41 @@ def main(argv: list[str] | None = None) -> dict:
     }
     write_json(out / "summary.json", summary)
     print_table(summary)
+    if args.heads:
+        if heads is None:  # more than one thread: the heads demo after this one
+            heads = HeadsDemo(heads_argv, out)
+        heads.finish()
+        summary["demo_and_heads_wall_seconds"] = time.perf_counter() - start
+        write_json(out / "summary.json", summary)
+        print(f"\nthe whole demo (this and the heads demo) took {summary['demo_and_heads_wall_seconds']:.0f} s "
+              f"(goal ≤ 900 s)")
     return summary
+
+
+class HeadsDemo:
+    """``scripts/demo_heads.py`` in a child process (output to ``OUT/heads_demo.log``); :meth:`finish`
+    waits for it, prints its output and fails the demo when it failed."""
+
+    def __init__(self, argv: list[str], out: Path) -> None:
+        self.log = out / "heads_demo.log"
+        cmd = [sys.executable, str(ROOT / "scripts" / "demo_heads.py"), *argv]
+        print(f"[demo] heads demo started: {' '.join(cmd)} (log: {self.log})", flush=True)
+        with open(self.log, "w") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        atexit.register(self._stop)  # a failing main demo does not leave the heads demo running
+
+    def _stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+
+    def finish(self) -> None:
+        rc = self.proc.wait()
+        print(f"\n[demo] heads demo ({self.log}):", flush=True)
+        text = self.log.read_text()
+        table = text.rfind("heads on held-out ShapesRef")  # its summary table, or the end of a failed run
+        print(text[table if table >= 0 else max(0, len(text) - 4000):].strip(), flush=True)
+        if rc != 0:
+            raise SystemExit(f"the heads demo failed (exit {rc}); its log: {self.log}")
 
 
 GOALS = [

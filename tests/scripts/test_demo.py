@@ -44,8 +44,13 @@ def test_caption_attributes_read_size_and_position_of_the_first_sentence():
 
 def test_quick_demo_writes_summary_overlays_and_exports(tmp_path):
     demo = _demo_module()
-    summary = demo.main(["--quick", "--out", str(tmp_path / "demo")])
+    summary = demo.main(["--quick", "--out", str(tmp_path / "demo"), "--heads"])
     on_disk = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    # --heads (scripts/demo.sh): the heads demo ran beside it, with the shared options, into the same folder
+    heads = json.loads((tmp_path / "demo" / "heads_summary.json").read_text())
+    assert heads["n_gres"] > 0 and (tmp_path / "demo" / "igvg" / "export" / "fclm_config.json").is_file()
+    assert "heads on held-out ShapesRef" in (tmp_path / "demo" / "heads_demo.log").read_text()
+    assert on_disk["demo_and_heads_wall_seconds"] >= on_disk["wall_seconds"]
     assert KEYS | DIFFICULTY_KEYS <= set(on_disk) and on_disk["quick"] is True
     assert on_disk["threads"] == demo.DEFAULT_THREADS == 1 and on_disk["seg_query_norm"] == "none"
     for key in KEYS - {"wall_seconds", "latent_cos_start", "latent_cos_end"}:
