@@ -308,6 +308,12 @@ class IGVGConfig:
     ``score_threshold``, greedy box NMS drops any whose box overlaps a higher-scored kept box at IoU
     above this. It removes the duplicates a briefly trained set decoder leaves (several queries on one
     object); the set loss alone is meant to suppress them."""
+    global_fallback: bool = True
+    """With ``exists`` ≥ 0.5 but no instance reaching ``score_threshold``: return the global mask as one
+    instance scored below the threshold (true, the authors' post-processing), or predict no target (false,
+    ours: the same rule as box-level output, where such a query keeps nothing). On the demo's ShapesRef the
+    exists branch alone said "target" for most no-target expressions (docs/benchmarks.md, "Grounding
+    heads", finding 10)."""
     output_masks: Literal["merge", "instance", "global"] = "merge"
     """What a query's masks cover after post-processing: kept instances ∪ the global mask (each global
     pixel given to the kept instance that responds most there), the instances only, or the global mask

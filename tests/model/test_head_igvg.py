@@ -360,6 +360,11 @@ def test_detections_threshold_fusion_and_no_target(sam) -> None:
     # nothing above the threshold: the global mask alone, scored below the threshold
     det = head_detections(head, _preds(0.9, [0.5, 0.2, 0.1, 0.1]), 0, 0.7)
     assert det.masks.shape == (1, 8, 8) and det.boxes is None and det.scores.tolist() == pytest.approx([0.5])
+    # global_fallback false: no kept instance means no target, though exists says there is one
+    det = head_detections(_head(sam, global_fallback=False), _preds(0.9, [0.5, 0.2, 0.1, 0.1]), 0, 0.7)
+    assert det.masks.shape == (0, 8, 8) and det.scores.numel() == 0 and det.exists == pytest.approx(0.9)
+    det = head_detections(_head(sam, global_fallback=False), preds, 0, 0.7)  # kept instances: as before
+    assert det.scores.tolist() == pytest.approx([0.8, 0.75]) and torch.equal((det.masks > 0).any(0), expected)
     instance_only = _head(sam, output_masks="instance")
     det = head_detections(instance_only, preds, 0, 0.7)
     assert torch.equal(det.masks, preds["pred_masks"][0, [0, 2]])

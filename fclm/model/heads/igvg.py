@@ -280,7 +280,8 @@ class IGVGHead(nn.Module):
         union of the kept instances and the global mask (the authors' ``merge`` output) while each
         instance keeps its own box and score. With no instance kept but a non-empty global mask, the
         global mask is returned as one instance scored by the best query's score (below the threshold,
-        so box-level evaluation keeps nothing, as in the authors' code).
+        so box-level evaluation keeps nothing, as in the authors' code); with ``global_fallback`` false,
+        nothing (no target).
         """
         exists = float(torch.sigmoid(preds["pred_exists"][j].float()))
         masks, scores, boxes = preds["pred_masks"][j], preds["pred_scores"][j].float(), preds["pred_boxes"][j]
@@ -302,7 +303,7 @@ class IGVGHead(nn.Module):
         if mode == "instance":
             return Detections(masks=inst, scores=kept_scores, boxes=kept_boxes, exists=exists)
         if inst.shape[0] == 0:
-            if not bool((glob > 0).any()):
+            if not self.cfg.global_fallback or not bool((glob > 0).any()):
                 return Detections(masks=inst, scores=kept_scores, boxes=kept_boxes, exists=exists)
             return Detections(masks=glob[None], scores=scores.max().reshape(1), boxes=None, exists=exists)
         owner = inst.argmax(0)  # (Hl,Wl): the kept instance responding most at each pixel
