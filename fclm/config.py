@@ -313,7 +313,7 @@ class IGVGConfig:
     instance scored below the threshold (true, the authors' post-processing), or predict no target (false,
     ours: the same rule as box-level output, where such a query keeps nothing). On the demo's ShapesRef the
     exists branch alone said "target" for most no-target expressions (docs/benchmarks.md, "Grounding
-    heads", finding 10)."""
+    heads", finding 9)."""
     output_masks: Literal["merge", "instance", "global"] = "merge"
     """What a query's masks cover after post-processing: kept instances ∪ the global mask (each global
     pixel given to the kept instance that responds most there), the instances only, or the global mask
@@ -390,10 +390,12 @@ class ImageStemConfig:
 
     C3VG and IGVG train their visual backbones; the specialist's frozen SAM encoder is random at the
     ``tiny`` preset, and its mask-pooled embeddings tell an object's colour but hardly its shape
-    (docs/benchmarks.md, "Grounding heads", finding 9). The stem reads the SAM-normalised image, reaches
+    (docs/benchmarks.md, "Grounding heads", finding 7). The stem reads the SAM-normalised image, reaches
     the SAM grid with stride-2 convolutions (``log2(sam.patch_size)`` of them) and adds its features to
     the embeddings through a zero-initialised projection, so training starts from the plain embeddings.
-    It is the specialist's ``vision_tower`` part for ``trainability``."""
+    It is the specialist's ``vision_tower`` part for ``trainability`` (its own lr: ``optim.lr_scale``).
+    Measured on the demo's ShapesRef it did not teach IGVG shape words and kept C3VG from grounding
+    (finding 8), so no shipped config turns it on."""
 
     enabled: bool = False
     channels: int = 64
