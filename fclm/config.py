@@ -394,7 +394,7 @@ class ImageStemConfig:
     the SAM grid with stride-2 convolutions (``log2(sam.patch_size)`` of them) and adds its features to
     the embeddings through a zero-initialised projection, so training starts from the plain embeddings.
     It is the specialist's ``vision_tower`` part for ``trainability`` (its own lr: ``optim.lr_scale``).
-    Measured on the demo's ShapesRef it did not teach IGVG shape words and kept C3VG from grounding
+    Measured on the demo's ShapesRef it did not teach IGVG shape words and delayed C3VG's grounding
     (finding 8), so no shipped config turns it on."""
 
     enabled: bool = False
