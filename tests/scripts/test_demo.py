@@ -49,6 +49,7 @@ def test_quick_demo_writes_summary_overlays_and_exports(tmp_path):
     # --heads (scripts/demo.sh): the heads demo ran beside it, with the shared options, into the same folder
     heads = json.loads((tmp_path / "demo" / "heads_summary.json").read_text())
     assert heads["n_gres"] > 0 and (tmp_path / "demo" / "igvg" / "export" / "fclm_config.json").is_file()
+    assert heads["c3vg_box_mask_consistency_without_consistency_loss"] is not None  # the ablation ran too
     assert "heads on held-out ShapesRef" in (tmp_path / "demo" / "heads_demo.log").read_text()
     assert on_disk["demo_and_heads_wall_seconds"] >= on_disk["wall_seconds"]
     assert KEYS | DIFFICULTY_KEYS <= set(on_disk) and on_disk["quick"] is True
