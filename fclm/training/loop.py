@@ -119,6 +119,9 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 def build_optimizer(cfg: TrainConfig, model: nn.Module, ds_config: dict | None) -> tuple[Any, Any]:
     """AdamW over the trainable parameters (no weight decay on biases / norms / token rows) + LambdaLR.
 
+    The parameters of a part named in ``optim.lr_scale`` form their own groups at ``lr × scale`` (the
+    schedule multiplies each group's own lr).
+
     With an ``optimizer`` block in the DeepSpeed JSON (the offload configs: DeepSpeed's CPU Adam),
     accelerate's ``DummyOptim`` / ``DummyScheduler`` hand the same settings to DeepSpeed.
     """

@@ -159,13 +159,14 @@ def test_zero_plans_mark_what_fits(capsys):
     assert all(r["memory"]["total"] < 2 * GIB for r in rows)
 
 
-def test_fclm_train_plan_cli(capsys):
+def test_fclm_train_plan_cli(capsys, tmp_path):
     from train.__main__ import main
 
     assert main(["plan", str(ROOT / "train/configs/demo_stage1.yaml"), "--gpus", "2", "--gpu-mem", "24"]) == 0
     out = capsys.readouterr().out
     assert "| zero3_offload | 2 |" in out and "1×24 GB" in out and "your GPU" in out
-    assert main(["plan", str(ROOT / "train/configs/demo_stage2.yaml")]) == 2
+    # an init_from that does not exist (not the YAML's runs/demo path, which a demo run creates)
+    assert main(["plan", str(ROOT / "train/configs/demo_stage2.yaml"), f"init_from={tmp_path / 'missing'}"]) == 2
     assert "init_from" in capsys.readouterr().err
     assert main(["plan", str(ROOT / "train/configs/demo_stage2.yaml"), "model.preset=tiny", "--tokens", "80"]) == 0
     assert "stage 2" in capsys.readouterr().out

@@ -156,6 +156,11 @@ def test_optim_lr_scale_gives_a_part_its_own_learning_rate(base_model):
     assert set(lr_of) == trainable and visual  # every trainable parameter once, the tower among them
     assert all(lr_of[i] == pytest.approx(1e-4) for i in visual)
     assert all(lr_of[i] == pytest.approx(1e-3) for i in trainable - visual)
+    for _ in range(3):  # the schedule keeps the ratio: it multiplies each group's own lr
+        optimizer.step()
+        scheduler.step()
+    lrs = {round(g["lr"] / optimizer.param_groups[0]["lr"], 6) for g in optimizer.param_groups}
+    assert lrs == {1.0, 0.1} and optimizer.param_groups[0]["lr"] < 1e-3  # cosine: below the peak by now
     decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     for name, p in model.qwen.model.visual.named_parameters():  # biases and norms still skip weight decay
         assert decay_of[id(p)] == (0.0 if p.ndim < 2 else 0.01), name
