@@ -17,9 +17,8 @@
 
 With ``--heads`` it also runs ``scripts/demo_heads.py --c3vg-ablation`` (the C3VG and IGVG heads trained as
 specialists, C3VG also without its consistency losses; ``OUT/heads_summary.json``) with the same shared
-options: at one torch thread in a second process beside
-this one, so the two use the two cores (its output goes to ``OUT/heads_demo.log`` and is printed at the
-end), with more threads after this one.
+options: at one torch thread in a second process beside this one, so the two use the two cores (its
+output goes to ``OUT/heads_demo.log`` and is printed at the end); with more threads, after this one.
 """
 
 from __future__ import annotations
@@ -442,7 +441,7 @@ class HeadsDemo:
 
     def __init__(self, argv: list[str], out: Path) -> None:
         self.log = out / "heads_demo.log"
-        # with the C3VG run without its consistency losses too: side by side, it fits in the main demo's time
+        # also C3VG without its consistency losses: the figure its consistency goal is compared with
         cmd = [sys.executable, str(ROOT / "scripts" / "demo_heads.py"), *argv, "--c3vg-ablation"]
         print(f"[demo] heads demo started: {' '.join(cmd)} (log: {self.log})", flush=True)
         with open(self.log, "w") as f:
