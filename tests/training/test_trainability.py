@@ -164,9 +164,9 @@ def test_optim_lr_scale_gives_a_part_its_own_learning_rate(base_model):
     decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     for name, p in model.qwen.model.visual.named_parameters():  # biases and norms still skip weight decay
         assert decay_of[id(p)] == (0.0 if p.ndim < 2 else 0.01), name
-    # without lr_scale: the two groups of before (decay, no decay), all at lr
-    plain, _ = build_optimizer(TrainConfig(optim=OptimConfig(lr=1e-3)), model, None)
-    assert [g["weight_decay"] for g in plain.param_groups] == [0.0, 0.0] and all(g["lr"] == 1e-3 for g in plain.param_groups)
+    # without lr_scale: the two groups of before, in their order (decay, then no decay), all at lr
+    plain, _ = build_optimizer(TrainConfig(optim=OptimConfig(lr=1e-3, weight_decay=0.01)), model, None)
+    assert [g["weight_decay"] for g in plain.param_groups] == [0.01, 0.0] and all(g["lr"] == 1e-3 for g in plain.param_groups)
     with pytest.raises(ValueError, match="unknown parts"):
         build_optimizer(TrainConfig(optim=OptimConfig(lr_scale={"vision": 0.1})), model, None)
     with pytest.raises(ValueError, match="must be > 0"):
