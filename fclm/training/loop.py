@@ -143,7 +143,8 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, ds_config: dict | None) 
         fn = lr_lambda(cfg)
         scheduler = DummyScheduler(optimizer, lr_scheduler_callable=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, fn))
         return optimizer, scheduler
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    # fused=None, not False, when off: an explicit False would also turn off torch's foreach default on GPU
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, fused=o.fused or None)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
 

@@ -105,7 +105,8 @@ def reconstruction_warmup(model: nn.Module, cfg: TrainConfig, *, encode: Callabl
         logger.info("reconstruction warm-up skipped: the stage trains none of its parameters")
         return {"steps": 0, "loss_self_recon": float("nan"), "regions": int(regions["masks"].shape[0]), "seconds": 0.0}
     lr = w.lr if w.lr is not None else cfg.optim.lr
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=0.0,
+                                  fused=cfg.optim.fused or None)  # as build_optimizer
     ramp = max(1, w.steps // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / ramp))
     generator = torch.Generator().manual_seed(cfg.seed)

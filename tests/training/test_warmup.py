@@ -51,6 +51,29 @@ def test_warmup_trains_the_position_path_only_and_lowers_the_loss(shapes):
     assert changed == {"region_extractor.pos_mlp", "pos_projector.layers", "sam.prompt_encoder", "sam.mask_decoder"}
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_warmup_optimizer_follows_optim_fused(shapes, monkeypatch, fused):
+    from fclm.model import build_fclm
+
+    seen = []
+    real = torch.optim.AdamW
+
+    class Spy(real):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs.get("fused"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Spy)
+    cfg = train_config_from_dict({
+        "stage": 1, "model": {"preset": "tiny"}, "output_dir": str(shapes / "run"),
+        "data": {"root": str(shapes), "train": [{"path": "train_roc.jsonl"}]},
+        "recon_warmup": {"steps": 1, "batch_size": 4, "max_regions": 4}, "optim": {"fused": fused}})
+    model = build_fclm(cfg.model)
+    apply_trainability(model, cfg.trainability)
+    reconstruction_warmup(model, cfg, encode=lambda b: model.sam.encode(b["sam_images"]), criterion=FCLMCriterion(cfg.loss))
+    assert seen == [True if fused else None]  # off: torch's own choice, as build_optimizer
+
+
 def _records(shapes):
     import json
 
