@@ -176,9 +176,9 @@ class OptimConfig:
     """Learning-rate multiplier per trainable part (names of ``trainability``: ``vision_tower``, ``llm``,
     ``projectors``, …), e.g. ``{vision_tower: 0.1}``; parts not named train at ``lr``."""
     fused: bool = False
-    """torch's fused AdamW: one kernel over all tensors instead of torch's per-tensor loop (CPU default). On
-    the tiny demo's CPU step it takes 2 ms instead of 8 (``scripts/bench/train_parts.py``); on GPU it is
-    the usual choice (CUDA and CPU only). Off by default: the demo's figures were measured with torch's
+    """torch's fused AdamW (CPU and CUDA): one kernel over all tensors instead of torch's default (a loop
+    per tensor on CPU, foreach on GPU). The demo's stage-1 optimizer step on CPU takes 2 ms instead of 8
+    (``scripts/bench/train_parts.py``). Off by default: the demo's figures were measured with torch's
     default, and a fused run moves some of them as much as a second seed does (docs/benchmarks.md,
     "Stability")."""
 
