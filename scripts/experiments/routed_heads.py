@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -35,20 +36,24 @@ from demo_heads import (  # noqa: E402
     EVAL_LIMITS, baseline, box_mask_consistency, objects_by_image, rescore, teacher_forced, train)
 from fclm.io import write_json  # noqa: E402
 
-HEAD_SETTINGS = {
-    "c3vg": {"data": "[{path: train_res.jsonl, weight: 1.0}]",
-             "overrides": ["model.heads.c3vg.coarse_box_anchor=mask"]},
-    "igvg": {"data": "[{path: train_gres.jsonl, weight: 2.0}, {path: train_res.jsonl, weight: 1.0}]",
-             "overrides": ["model.heads.igvg.fpn_scales=[2.0, 1.0, 0.5]", "model.heads.igvg.decoder_text_attention=true",
-                           "model.heads.igvg.nms_iou=0.5", "model.heads.igvg.global_fallback=false"]},
-}
-"""Each head's data and settings, as in its specialist demo config (train/configs/demo_<head>.yaml)."""
+HEADS = ("c3vg", "igvg")
+
+
+def specialist_overrides(head: str) -> list[str]:
+    """The data mixture and the head's own settings of its specialist demo config
+    (``train/configs/demo_<head>.yaml``), as ``fclm-train`` overrides."""
+    spec = yaml.safe_load((ROOT / "train" / "configs" / f"demo_{head}.yaml").read_text())
+    train_files = yaml.safe_dump(spec["data"]["train"], default_flow_style=True).strip()
+    settings = spec["model"]["heads"].get(head, {})
+    return [f"data.train={train_files}",
+            *(f"model.heads.{head}.{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+              for k, v in settings.items())]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
-    ap.add_argument("--heads", nargs="+", choices=sorted(HEAD_SETTINGS), default=["c3vg", "igvg"])
+    ap.add_argument("--heads", nargs="+", choices=HEADS, default=list(HEADS))
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0, help="seed of the model initialisation and the training")
     ap.add_argument("--threads", type=int, default=1)
@@ -69,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{head}_{args.steps}steps_seed{args.seed}"
         run_dir = out / f"routed_{name}"
         overrides = [f"output_dir={run_dir}", f"data.root={data}", f"sam_cache.dir={out / 'sam_cache'}",
-                     f"model.backbone.tokenizer={out / 'tokenizer'}", f"data.train={HEAD_SETTINGS[head]['data']}",
+                     f"model.backbone.tokenizer={out / 'tokenizer'}",
                      f"model.heads.enabled=[{head}]", f"model.heads.default={head}", "recon_warmup.steps=0",
                      f"max_steps={args.steps}", f"checkpoint.every={args.steps}", f"seed={args.seed}", "logging.progress_bar=false",
-                     f"cpu_threads={args.threads}", *HEAD_SETTINGS[head]["overrides"]]
+                     f"cpu_threads={args.threads}", *specialist_overrides(head)]
         t0 = time.perf_counter()
         train("demo_stage1.yaml", overrides)
         train_s = time.perf_counter() - t0
