@@ -6,10 +6,9 @@ Needs the data and tokenizer of ``bash scripts/demo.sh`` under ``OUT`` (and, for
 ``OUT/heads_summary.json`` of its specialist heads). For each head, one ``fclm-train`` run of
 ``train/configs/demo_stage1.yaml`` — the main demo's model (tiny FCLM: random Qwen2.5-VL under LoRA, the
 plain seg projector) and recipe — with the head built in and chosen by default
-(``model.heads.enabled=[HEAD]``), the head's settings of its specialist demo config
-(``demo_c3vg.yaml`` / ``demo_igvg.yaml``), the specialist's data (C3VG: ``train_res.jsonl``; IGVG:
-``train_gres.jsonl`` 2 : ``train_res.jsonl`` 1), no reconstruction warm-up (no region records), ``--steps``
-steps from scratch. Then, as ``scripts/demo_heads.py`` does, ``fclm-eval run --teacher-forced`` on the
+(``model.heads.enabled=[HEAD]``), the head's settings and the data mixture read from its specialist demo
+config (``demo_c3vg.yaml`` / ``demo_igvg.yaml``), no reconstruction warm-up (the mixtures have no region
+records), ``--steps`` steps from scratch. Then, as ``scripts/demo_heads.py`` does, ``fclm-eval run --teacher-forced`` on the
 held-out records (the head grounds the record's own ``[SEG]``) and the same metrics, printed beside the
 specialist trained on the same data and the words-blind baselines. Writes (updates) ``OUT/routed_heads.json``,
 one entry per head, steps and seed (``<head>_<steps>steps_seed<seed>``; the run folder is ``OUT/routed_<that>``), so
