@@ -9,12 +9,16 @@ Nothing here builds a model: builders in ``fclm.model`` take these configs.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 import yaml
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+"""A number in exponent notation; PyYAML (YAML 1.1) leaves some of them strings (``3e-4``, ``1.0e3``)."""
 
 SAM_VARIANTS: dict[str, dict[str, Any]] = {
     # Sizes of the official Segment Anything image encoders (segment_anything/build_sam.py).
@@ -575,6 +579,8 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         kt, vt = args if args else (Any, Any)
         return {_check_type(k, kt, key): _check_type(v, vt, f"{key}.{k}") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # lr: 3e-4 in a YAML file or an override
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)

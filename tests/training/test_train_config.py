@@ -169,3 +169,14 @@ def test_loss_weights_follow_the_routed_heads(good: dict, tmp_path: Path):
         load_train_config(path, ["model.heads.enabled=[c3vg]", "model.heads.default=c3vg", "loss.weights.loss_mask_bce=1.0"])
     with pytest.raises(ConfigError, match="unknown head 'c4vg'"):
         load_train_config(path, ["model.heads.enabled=[sam, c4vg]"])
+
+
+def test_numbers_in_exponent_notation_are_numbers(good: dict, tmp_path: Path):
+    # PyYAML (YAML 1.1) reads "3e-4" and "1.0e3" as strings; a float field takes them as the numbers they are.
+    good["optim"] = {**good.get("optim", {}), "lr": "2e-4"}
+    cfg = load_train_config(_write(tmp_path, good), ["optim.weight_decay=1.0e-1", "optim.eps=1E-8"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.eps) == (2e-4, 0.1, 1e-8)
+    assert type(cfg.optim.lr) is float
+    for bad in ("optim.lr=1e", "optim.lr=e-3", "optim.lr=fast", "max_steps=1e3"):  # an int field stays an int
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_train_config(_write(tmp_path, good), [bad])
