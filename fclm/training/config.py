@@ -236,7 +236,9 @@ class ReconWarmupConfig:
     batch_size: int = 32
     """Regions per warm-up step."""
     lr: float | None = None
-    """Learning rate (``None``: ``optim.lr``); linear ramp over the first 5 % of the steps, then constant."""
+    """Learning rate (``None``: ``optim.lr``); linear ramp over the first 5 % of the steps, then ``schedule``."""
+    schedule: str = "constant"
+    """After the ramp: ``constant``, or ``cosine`` (decays to 0 at the last step)."""
     max_regions: int = 4000
     """Regions collected (and SAM-encoded) once from the run's files, the first ones of each file in turn."""
     files: list[str] = field(default_factory=list)
@@ -248,6 +250,8 @@ class ReconWarmupConfig:
             raise ValueError("recon_warmup: need steps >= 0, batch_size >= 1, max_regions >= 1")
         if self.lr is not None and self.lr <= 0:
             raise ValueError("recon_warmup.lr must be > 0")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"recon_warmup.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
 
 
 @dataclass

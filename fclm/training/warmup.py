@@ -9,7 +9,8 @@ mask decoder take part, on SAM image embeddings computed once. So they run first
    collated once; their images are encoded by the (frozen) SAM image encoder, through the run's
    embedding cache when it has one;
 2. ``steps`` AdamW steps over random batches of ``batch_size`` regions on ``loss_self_recon``
-   (the criterion's BCE / dice weights), lr ``lr`` (linear warm-up over the first 5 %, then constant).
+   (the criterion's BCE / dice weights), lr ``lr`` (linear warm-up over the first 5 %, then constant, or
+   a cosine decay to 0 with ``schedule: cosine``).
 
 Only parameters the stage trains are updated (``requires_grad``); the main steps then start from them
 with a fresh optimizer. Every process runs the same warm-up before the model is wrapped for distributed
@@ -19,6 +20,7 @@ training (DDP starts from rank 0's weights).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Callable
 
@@ -29,7 +31,7 @@ from fclm.training.config import TrainConfig
 
 logger = logging.getLogger("fclm.train")
 
-__all__ = ["collect_regions", "reconstruction_warmup"]
+__all__ = ["collect_regions", "reconstruction_warmup", "warmup_lr_lambda"]
 
 
 @torch.no_grad()
@@ -88,6 +90,19 @@ def _records_with_regions(cfg: TrainConfig, limit: int) -> list[dict]:
     return chosen
 
 
+def warmup_lr_lambda(steps: int, schedule: str = "constant") -> Callable[[int], float]:
+    """lr factor of warm-up step ``s`` (0-based): a linear ramp over the first 5 % of ``steps``, then 1
+    (``constant``) or a half cosine from 1 at the ramp's end towards 0 (``cosine``; the last step's is small, not 0)."""
+    ramp = max(1, steps // 20)
+
+    def factor(s: int) -> float:
+        if s + 1 < ramp or schedule == "constant":
+            return min(1.0, (s + 1) / ramp)
+        return 0.5 * (1.0 + math.cos(math.pi * (s + 1 - ramp) / (steps - ramp + 1)))
+
+    return factor
+
+
 def reconstruction_warmup(model: nn.Module, cfg: TrainConfig, *, encode: Callable[[dict], torch.Tensor], criterion: Any) -> dict[str, float]:
     """Run ``cfg.recon_warmup`` on ``model`` (unwrapped, before ``accelerator.prepare``); returns
     ``{"steps", "loss_self_recon" (mean of the last 50 steps), "regions", "seconds"}``."""
@@ -107,8 +122,7 @@ def reconstruction_warmup(model: nn.Module, cfg: TrainConfig, *, encode: Callabl
     lr = w.lr if w.lr is not None else cfg.optim.lr
     optimizer = torch.optim.AdamW(params, lr=lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=0.0,
                                   fused=cfg.optim.fused or None)  # as build_optimizer
-    ramp = max(1, w.steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / ramp))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lr_lambda(w.steps, w.schedule))
     generator = torch.Generator().manual_seed(cfg.seed)
     n = regions["masks"].shape[0]
     recent: list[float] = []

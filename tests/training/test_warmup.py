@@ -13,7 +13,7 @@ from fclm.config import preset
 from fclm.losses import FCLMCriterion
 from fclm.training.config import train_config_from_dict
 from fclm.training.trainability import apply_trainability
-from fclm.training.warmup import collect_regions, reconstruction_warmup
+from fclm.training.warmup import collect_regions, reconstruction_warmup, warmup_lr_lambda
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,8 @@ def test_warmup_config_is_checked(shapes):
 
     with pytest.raises(ConfigError, match="recon_warmup"):
         _cfg(shapes, steps=-1)
+    with pytest.raises(ConfigError, match="recon_warmup.schedule"):
+        _cfg(shapes, schedule="linear")
     assert preset("tiny").region_extractor.pos_layers >= 1
 
 
@@ -103,3 +105,19 @@ def test_warmup_files_give_regions_to_a_run_whose_own_data_has_none(shapes):
     assert records and all(r["regions"] for r in records) and sum(len(r["regions"]) for r in records) >= 6
     with pytest.raises(ConfigError, match=r"recon_warmup.files\[0\]: file not found"):
         train_config_from_dict({**base, "recon_warmup": {"files": ["missing.jsonl"]}})
+
+
+def test_warmup_lr_ramps_then_stays_or_decays_by_a_half_cosine():
+    import math
+
+    constant, cosine = warmup_lr_lambda(200, "constant"), warmup_lr_lambda(200, "cosine")
+    ramp = 10  # 5 % of 200
+    for s in range(ramp - 1):
+        assert constant(s) == cosine(s) == pytest.approx((s + 1) / ramp)
+    assert [constant(s) for s in (ramp - 1, 100, 199)] == [1.0, 1.0, 1.0]
+    # from 1 at the ramp's end, half way down half way through the rest, small but positive at the last step
+    assert cosine(ramp - 1) == pytest.approx(1.0)
+    for s in range(ramp, 200):
+        assert cosine(s) == pytest.approx(0.5 * (1 + math.cos(math.pi * (s + 1 - ramp) / (200 - ramp + 1))))
+        assert 0 < cosine(s) < cosine(s - 1)
+    assert cosine(199) < 1e-3
