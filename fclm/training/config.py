@@ -238,7 +238,8 @@ class ReconWarmupConfig:
     lr: float | None = None
     """Learning rate (``None``: ``optim.lr``); linear ramp over the first 5 % of the steps, then ``schedule``."""
     schedule: str = "constant"
-    """After the ramp: ``constant``, or ``cosine`` (decays to 0 at the last step)."""
+    """After the ramp: ``constant``, or ``cosine`` (a half cosine towards 0 at the last step; worse for the
+    demo's warm-up, docs/benchmarks.md "What the warm-up reaches")."""
     max_regions: int = 4000
     """Regions collected (and SAM-encoded) once from the run's files, the first ones of each file in turn."""
     files: list[str] = field(default_factory=list)

@@ -10,7 +10,7 @@ mask decoder take part, on SAM image embeddings computed once. So they run first
    embedding cache when it has one;
 2. ``steps`` AdamW steps over random batches of ``batch_size`` regions on ``loss_self_recon``
    (the criterion's BCE / dice weights), lr ``lr`` (linear warm-up over the first 5 %, then constant, or
-   a cosine decay to 0 with ``schedule: cosine``).
+   a cosine decay towards 0 with ``schedule: cosine``).
 
 Only parameters the stage trains are updated (``requires_grad``); the main steps then start from them
 with a fresh optimizer. Every process runs the same warm-up before the model is wrapped for distributed
