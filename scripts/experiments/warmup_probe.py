@@ -11,6 +11,10 @@ the demo's figure, :func:`fclm.training.probes.pos_reconstruction_iou` (mean ove
 ``val_dlres`` records, and the pooled-mask baseline on the same regions. No main steps follow: the figure is
 the warm-up's alone (the demo's ``pos_recon_iou`` is measured after the mixture that follows it).
 One line of JSON per run is printed and appended to ``OUT/warmup_probe.jsonl``. One torch thread.
+
+``--prompt-tokens K`` (a probe of the decoder's capacity, not a model option): the pos projector's output
+goes through one more linear layer to K prompt tokens for the SAM decoder instead of one, so the same
+``<pos>`` is decoded from K tokens (the layer is trained with the warm-up).
 """
 
 from __future__ import annotations
@@ -27,11 +31,25 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
+def widen_pos_prompt(model: torch.nn.Module, k: int) -> None:
+    """Decode ``<pos>`` from ``k`` SAM prompt tokens: pos projector → Linear(C, k·C) → (R, k, C). For this
+    probe only: ``z_pos`` is then k·C wide, so the latent loss and cosine are not meaningful on the model."""
+    c = model.sam.prompt_encoder.embed_dim
+    model.pos_projector = torch.nn.Sequential(model.pos_projector, torch.nn.Linear(c, k * c))
+    decode = model.sam.decode
+
+    def decode_pos(embeddings: torch.Tensor, sparse: torch.Tensor):  # [SEG] prompts (C wide) pass unchanged
+        return decode(embeddings, sparse.reshape(sparse.shape[0], k, c) if sparse.shape[-1] == k * c else sparse)
+
+    model.sam.decode = decode_pos
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
     ap.add_argument("--name", required=True, help="the run's name in the results file")
     ap.add_argument("--limit", type=int, default=150, help="held-out val_dlres records scored (the demo's 150)")
+    ap.add_argument("--prompt-tokens", type=int, default=1, help="decode <pos> from this many SAM prompt tokens")
     ap.add_argument("overrides", nargs="*", help="demo_stage1.yaml overrides, e.g. recon_warmup.steps=4000")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -58,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(cfg)
     apply_trainability(model, cfg.trainability)
     criterion = build_criterion(cfg.loss, model.config)
+    if args.prompt_tokens > 1:
+        widen_pos_prompt(model, args.prompt_tokens)
     with open(data / "val_dlres.jsonl") as f:
         val = [json.loads(line) for line in f if line.strip()][: args.limit]
     val = [{**r, "image": str(data / r["image"])} for r in val]
@@ -65,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     _recon_warmup(cfg, Accelerator(cpu=True), model, criterion, encoder_fingerprint(model.sam.image_encoder))
     seconds = time.perf_counter() - t0
     recon = pos_reconstruction_iou(model, val, batch_size=16)
-    result = {"name": args.name, "overrides": args.overrides, "pos_recon_iou": recon["pos_recon_miou"],
+    result = {"name": args.name, "overrides": args.overrides, "prompt_tokens": args.prompt_tokens, "pos_recon_iou": recon["pos_recon_miou"],
               "pos_recon_iou_pooled": recon["pos_recon_miou_pooled"], "regions": recon["regions"],
               "warmup_seconds": round(seconds, 1)}
     print(json.dumps(result), flush=True)
