@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     _recon_warmup(cfg, Accelerator(cpu=True), model, criterion, encoder_fingerprint(model.sam.image_encoder))
     seconds = time.perf_counter() - t0
     recon = pos_reconstruction_iou(model, val, batch_size=16)
-    result = {"name": args.name, "overrides": args.overrides, "prompt_tokens": args.prompt_tokens, "pos_recon_iou": recon["pos_recon_miou"],
-              "pos_recon_iou_pooled": recon["pos_recon_miou_pooled"], "regions": recon["regions"],
+    result = {"name": args.name, "overrides": args.overrides, "prompt_tokens": args.prompt_tokens,
+              "pos_recon_iou": recon["pos_recon_miou"], "pos_recon_iou_pooled": recon["pos_recon_miou_pooled"], "regions": recon["regions"],
               "warmup_seconds": round(seconds, 1)}
     print(json.dumps(result), flush=True)
     with open(out / "warmup_probe.jsonl", "a") as f:

@@ -115,9 +115,14 @@ def test_warmup_lr_ramps_then_stays_or_decays_by_a_half_cosine():
     for s in range(ramp - 1):
         assert constant(s) == cosine(s) == pytest.approx((s + 1) / ramp)
     assert [constant(s) for s in (ramp - 1, 100, 199)] == [1.0, 1.0, 1.0]
-    # from 1 at the ramp's end, half way down half way through the rest, small but positive at the last step
+    # from 1 at the ramp's end, falling at every step, small but positive at the last step
     assert cosine(ramp - 1) == pytest.approx(1.0)
     for s in range(ramp, 200):
-        assert cosine(s) == pytest.approx(0.5 * (1 + math.cos(math.pi * (s + 1 - ramp) / (200 - ramp + 1))))
         assert 0 < cosine(s) < cosine(s - 1)
     assert cosine(199) < 1e-3
+    # a half cosine is point-symmetric about its middle: steps as far after it as others are before sum to 1
+    for s in range(ramp, 200):
+        mirror = 2 * ramp - 2 + (200 - ramp + 1) - s
+        if ramp <= mirror < 200:
+            assert cosine(s) + cosine(mirror) == pytest.approx(1.0)
+    assert cosine(104) == pytest.approx(0.5 + 0.5 * math.cos(math.pi * 95 / 191))
